@@ -1,0 +1,154 @@
+"""Resize every image in a folder to image_size x image_size RGB, for training.
+
+The tutorial's preprocessing: each image is squashed (not cropped) to a square once,
+so training only has to load small files and take random 224 x 224 crops of them.
+File names stay the same, so the COCO caption files still point at the right images.
+Finished images are kept: after an interruption, run the same command again.
+
+Example:
+    python resize.py --image_dir data/train2014/ --output_dir data/resized2014/ --image_size 256
+"""
+import argparse
+import functools
+import os
+import sys
+from multiprocessing import Pool
+
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+COCO_IMAGES_URL = 'http://images.cocodataset.org/zips/train2014.zip'
+
+# What Pillow raises for a file that is not an image, or a damaged one. Anything else
+# (a bug, a full disk) should stop the run rather than be counted as a bad file.
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def to_rgb(image):
+    """Any image Pillow opens -> an upright RGB image (the ResNet wants 3 channels)."""
+    image = ImageOps.exif_transpose(image)  # phone photos are stored sideways, with an EXIF 'rotate' tag
+    if image.mode.startswith('I'):  # 16-bit grayscale: 0..65535 -> 0..255 (convert would clip it to white)
+        image = image.point(lambda v: v / 256).convert('L')
+    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+        # composite on white, as the picture looks on a web page; dropping the alpha
+        # channel would show whatever colour the transparent pixels happen to hold
+        image = image.convert('RGBA')
+        image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image)
+    return image.convert('RGB')  # grayscale, palette and CMYK too
+
+
+def is_done(path, size):
+    """True if path is already a complete output: an RGB image of size x size that decodes."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode it all: a truncated file fails here, not at training time
+            return image.size == (size, size) and image.mode == 'RGB'
+    except READ_ERRORS:  # missing (FileNotFoundError is an OSError), truncated, or not an image
+        return False
+
+
+def save_format(name):
+    """Pillow format for an output file: the one its extension says, so name and content
+    agree; PNG (lossless) for an extension Pillow cannot write."""
+    Image.init()  # load every format plugin, so Image.SAVE is complete
+    fmt = Image.registered_extensions().get(os.path.splitext(name)[1].lower())
+    return fmt if fmt in Image.SAVE else 'PNG'
+
+
+def resize_one(name, image_dir, output_dir, size):
+    """Resize image_dir/name into output_dir/name. Returns (status, name, why) with status
+    'done' (already there), 'resized' or 'bad' (not an image, or corrupt; why says what)."""
+    out = os.path.join(output_dir, name)
+    if is_done(out, size):
+        return 'done', name, None
+    try:
+        with Image.open(os.path.join(image_dir, name)) as image:  # read-only: the input may be a shared folder
+            image = to_rgb(image).resize((size, size), Image.Resampling.LANCZOS)  # LANCZOS was ANTIALIAS
+    except READ_ERRORS as e:
+        return 'bad', name, f'{type(e).__name__}: {e}'
+    # write under a temporary name, then rename: os.replace is atomic, so an interrupted
+    # run never leaves a half-written image with the final name
+    tmp = os.path.join(output_dir, f'.{name}.{os.getpid()}.tmp')
+    fmt = save_format(name)
+    try:
+        image.save(tmp, fmt, **({'quality': 95} if fmt == 'JPEG' else {}))  # Pillow's default JPEG quality is 75
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return 'resized', name, None
+
+
+def run_all(work, names, num_workers):
+    """Yield work(name) for every name: in num_workers processes, in whatever order they
+    finish, or one by one in this process when num_workers is 0 or 1."""
+    if num_workers <= 1:
+        yield from map(work, names)
+        return
+    # 16 images (about half a second of work) per message keeps the pool's overhead
+    # negligible; fewer for a small folder, so that every worker gets some
+    chunksize = max(1, min(16, len(names) // (4 * num_workers)))
+    with Pool(num_workers) as pool:
+        yield from pool.imap_unordered(work, names, chunksize)
+
+
+def fail(message):
+    """Bad input: one line saying what is wrong and how to fix it, exit code 2, no traceback."""
+    print(f'resize.py: error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='resize.py', description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--image_dir', type=str, default='./data/train2014/', help='directory for train images')
+    parser.add_argument('--output_dir', type=str, default='./data/resized2014/',
+                        help='directory for saving resized images')
+    parser.add_argument('--image_size', type=int, default=256, help='size for image after processing')
+    parser.add_argument('--num_workers', type=int, default=os.cpu_count() or 1,
+                        help='processes resizing in parallel (0 or 1: resize in this process)')
+    args = parser.parse_args(argv)
+    if args.image_size < 1:
+        parser.error(f'--image_size must be at least 1, got {args.image_size}')
+    if args.num_workers < 0:
+        parser.error(f'--num_workers must be at least 0, got {args.num_workers}')
+    print(vars(args))
+
+    if not os.path.isdir(args.image_dir):
+        fail(f'image folder {args.image_dir} not found: download {COCO_IMAGES_URL} and unzip it into data/ '
+             f'(or pass --image_dir)')
+    if os.path.realpath(args.image_dir) == os.path.realpath(args.output_dir):
+        fail('--output_dir is --image_dir: resizing in place would overwrite the originals; give another folder')
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        fail(f'cannot make --output_dir {args.output_dir}: {e.strerror}')
+    if not os.access(args.output_dir, os.W_OK):
+        fail(f'cannot write into --output_dir {args.output_dir}: pick a folder you own')
+
+    # sorted: the same order (and the same warnings) on every run; hidden files
+    # (.DS_Store, our own temporary files) are not inputs
+    names = sorted(n for n in os.listdir(args.image_dir)
+                   if not n.startswith('.') and os.path.isfile(os.path.join(args.image_dir, n)))
+    work = functools.partial(resize_one, image_dir=args.image_dir, output_dir=args.output_dir, size=args.image_size)
+    counts, bad = {'resized': 0, 'done': 0, 'bad': 0}, []
+    try:
+        for status, name, why in tqdm(run_all(work, names, args.num_workers), total=len(names),
+                                      desc='resizing', unit=' images'):
+            counts[status] += 1
+            if status == 'bad':
+                bad.append(name)
+                tqdm.write(f'warning: skipped {name}: not an image or corrupt ({why})', file=sys.stderr)
+    except KeyboardInterrupt:
+        # finished images are complete files (see resize_one), so nothing is lost
+        print(f"interrupted after {counts['resized']} images: run the same command again to finish", file=sys.stderr)
+        sys.exit(130)
+
+    listed = ', '.join(bad[:10]) + (f' and {len(bad) - 10} more' if len(bad) > 10 else '')
+    print(f"Resized {counts['resized']} images, skipped {counts['done']} (already done), "
+          f"{counts['bad']} not images/corrupt" + (f': {listed}' if bad else ''))
+    print(f"Saved the resized images to '{args.output_dir}'")
+
+
+if __name__ == '__main__':
+    main()
