@@ -3,7 +3,7 @@
 Every word used at least --threshold times gets an id; rarer words become <unk>.
 
 Example:
-    python build_vocab.py --caption_path data/annotations/captions_train2014.json --vocab_path data/vocab.pkl --threshold 4
+    python build_vocab.py --caption_path data/annotations/captions_train2014.json --threshold 4
 """
 import argparse
 import os
@@ -57,20 +57,21 @@ def main(argv=None):
         fail(f'--vocab_path {args.vocab_path} is a folder: give a file name, e.g. {args.vocab_path}/vocab.pkl')
     try:
         coco = COCO(args.caption_path)
-        counter = count_words(coco)
-    except (ValueError, AssertionError):  # json.JSONDecodeError is a ValueError; COCO asserts a dict
+    except (ValueError, AssertionError, KeyError):  # json.JSONDecodeError is a ValueError; COCO asserts a dict
         fail(f'{args.caption_path} is not a COCO annotation file (JSON with "images" and "annotations")')
-    except KeyError as e:  # e.g. instances_train2014.json: annotations without a 'caption'
-        fail(f'{args.caption_path} is not a COCO captions file (missing key {e}): pass a captions_*.json file')
-    if not counter:
+    if not coco.anns:
         fail(f'{args.caption_path} holds no captions')
+    if not all('caption' in ann for ann in coco.anns.values()):  # e.g. instances_train2014.json
+        fail(f'{args.caption_path} has annotations without a "caption": pass a captions_*.json file')
+    counter = count_words(coco)
 
     vocab = Vocabulary.build(counter, args.threshold)
     try:
         save_vocab(vocab, args.vocab_path)
     except OSError as e:
         fail(f'cannot write {args.vocab_path}: {e.strerror}')
-    print(f'Kept {len(vocab) - len(SPECIAL_TOKENS)} of {len(counter)} distinct words (used at least {args.threshold} times)')
+    kept = len(vocab) - len(SPECIAL_TOKENS)
+    print(f'Kept {kept} of {len(counter)} distinct words (used at least {args.threshold} times)')
     print(f'Total vocabulary size: {len(vocab)}')
     print(f"Saved the vocabulary wrapper to '{args.vocab_path}'")
 
