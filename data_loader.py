@@ -1,0 +1,129 @@
+"""COCO-format captions as batches: CocoDataset, collate_fn and get_loader.
+
+A batch is what DecoderRNN wants, longest caption first:
+
+    images  : (N, 3, crop, crop)      or features: (N, 2048) from the feature cache
+    captions: LongTensor (N, L)       [<start>, w1, ..., wn, <end>, <pad>, ...]
+    lengths : list of N ints          non-increasing, <start> and <end> included
+"""
+import os
+import zlib
+
+import torch
+import torch.utils.data as data
+import torchvision.transforms as T
+from PIL import Image
+from pycocotools.coco import COCO
+
+from vocab import tokenize
+
+# ImageNet's statistics: the frozen ResNet was trained on images normalised this way
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_transform(crop_size, train):
+    """Preprocessing of a resized image (resize.py made it image_size x image_size).
+
+    train=True is the tutorial's augmentation (random crop and flip);
+    train=False is the deterministic centre crop used for validation and sampling.
+    """
+    crop = [T.RandomCrop(crop_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(crop_size)]
+    return T.Compose(crop + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def open_rgb(path):
+    """Open any image Pillow reads as RGB (grayscale, palette, CMYK, alpha on white)."""
+    with Image.open(path) as image:
+        image.load()
+    if image.mode in ('RGBA', 'LA') or (image.mode == 'P' and 'transparency' in image.info):
+        image = image.convert('RGBA')
+        background = Image.new('RGBA', image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert('RGB')
+
+
+def load_image(path, image_size, crop_size):
+    """Sample-time preprocessing, the same as validation's: resize.py's square resize,
+    then the centre crop. Returns a (1, 3, crop_size, crop_size) tensor."""
+    image = open_rgb(path).resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return image_transform(crop_size, train=False)(image).unsqueeze(0)
+
+
+def encode_caption(caption, vocab):
+    """'A dog runs.' -> LongTensor [<start>, a, dog, runs, ., <end>] of vocabulary ids."""
+    ids = [vocab('<start>')] + [vocab(token) for token in tokenize(caption)] + [vocab('<end>')]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class CocoDataset(data.Dataset):
+    """One item per caption: (image (3, crop, crop), caption LongTensor (L,)).
+
+    Random augmentation is seeded by (seed, epoch, index), not by the worker's random
+    state, so a resumed run sees exactly the crops the interrupted one would have,
+    whatever the number of workers. Call ``set_epoch`` before each epoch.
+    """
+
+    def __init__(self, root, json, vocab, transform=None, seed=0):
+        self.root = root
+        self.coco = COCO(json)
+        self.ids = sorted(self.coco.anns.keys())
+        self.vocab = vocab
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def item_image_ids(self):
+        """The COCO image id of every item, in item order."""
+        return [self.coco.anns[i]['image_id'] for i in self.ids]
+
+    def image_path(self, index):
+        image_id = self.coco.anns[self.ids[index]]['image_id']
+        return os.path.join(self.root, self.coco.loadImgs(image_id)[0]['file_name'])
+
+    def __getitem__(self, index):
+        caption = encode_caption(self.coco.anns[self.ids[index]]['caption'], self.vocab)
+        path = self.image_path(index)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"CocoDataset: image {path} not found; resize the images into {self.root} first: "
+                f"python resize.py --image_dir <original images> --output_dir {self.root}")
+        image = open_rgb(path)
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(f'{self.seed}/{self.epoch}/{index}'.encode()))
+                image = self.transform(image)
+        return image, caption
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def collate_fn(data):
+    """Batch (image or feature, caption) pairs, longest caption first (pack_padded_sequence
+    wants them sorted).
+
+    Returns:
+        images: (N, 3, H, W), or (N, D) when the items are features
+        targets: LongTensor (N, L), padded with <pad> = 0
+        lengths: list of N ints, non-increasing
+    """
+    data = sorted(data, key=lambda item: len(item[1]), reverse=True)
+    images, captions = zip(*data)
+    images = torch.stack(images, 0)
+    lengths = [len(cap) for cap in captions]
+    targets = torch.zeros(len(captions), max(lengths), dtype=torch.long)
+    for i, cap in enumerate(captions):
+        targets[i, :lengths[i]] = cap
+    return images, targets, lengths
+
+
+def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, seed=0, **kwargs):
+    """The tutorial's entry point: a DataLoader over CocoDataset with collate_fn.
+    Extra keyword arguments (sampler, pin_memory, ...) go to the DataLoader."""
+    coco = CocoDataset(root=root, json=json, vocab=vocab, transform=transform, seed=seed)
+    return data.DataLoader(dataset=coco, batch_size=batch_size, shuffle=shuffle,
+                           num_workers=num_workers, collate_fn=collate_fn, **kwargs)
