@@ -1,0 +1,254 @@
+"""Checkpoints and encoder weights: everything that puts a model on disk or takes it off.
+
+A checkpoint is a dict of plain objects (nanoGPT, pytorch/examples imagenet), loaded
+with ``torch.load(weights_only=True)`` so that no file this repository reads can run code:
+
+    {'encoder': state_dict of encoder.linear and encoder.bn (the frozen ResNet is not stored),
+     'encoder_weights': how to rebuild the frozen ResNet, see `encoder_spec`,
+     'decoder': decoder.state_dict(),
+     'vocab': list of words in id order,
+     'args': vars(args) of train.py (embed_size, hidden_size, num_layers, crop_size, ...),
+     'optimizer', 'epoch', 'step', 'best_val_loss', 'rng', ...: train.py's resume state}
+
+`load_captioner` rebuilds (encoder, decoder, vocab) from such a file, or from the
+tutorial's published files (encoder-5-3000.pkl, decoder-5-3000.pkl, vocab.pkl).
+"""
+import glob
+import hashlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torchvision.models import ResNet152_Weights
+
+from model import DecoderRNN, EncoderCNN
+from vocab import Vocabulary, load_vocab
+
+IMAGENET_WEIGHTS = ResNet152_Weights.IMAGENET1K_V1  # what the tutorial's encoder used
+
+
+class EncoderWeightsError(RuntimeError):
+    """The requested ResNet-152 weights cannot be had (not cached, no network, bad file)."""
+
+
+# ---------------------------------------------------------------------------
+# Encoder weights: 'imagenet', 'none' (random, seeded) or a path
+
+def encoder_spec(encoder_weights, seed=0):
+    """Turn the --encoder_weights flag into a record that rebuilds exactly that encoder.
+
+    'imagenet' -> {'source': 'imagenet', 'name': 'IMAGENET1K_V1'}
+    'none'     -> {'source': 'none', 'seed': seed}          random init under torch.manual_seed(seed)
+    PATH       -> {'source': 'file', 'path': ..., 'sha256': ...}
+    """
+    if encoder_weights == 'imagenet':
+        return {'source': 'imagenet', 'name': IMAGENET_WEIGHTS.name}
+    if encoder_weights == 'none':
+        return {'source': 'none', 'seed': int(seed)}
+    if not os.path.isfile(encoder_weights):
+        raise EncoderWeightsError(
+            f"--encoder_weights: {encoder_weights!r} is neither 'imagenet', 'none' nor an existing file")
+    return {'source': 'file', 'path': os.path.abspath(encoder_weights), 'sha256': _sha256(encoder_weights)}
+
+
+def encoder_id(spec):
+    """A short string naming the frozen ResNet's weights (keys the feature cache)."""
+    if spec['source'] == 'imagenet':
+        return f"imagenet:{spec['name']}"
+    if spec['source'] == 'none':
+        return f"random:seed={spec['seed']}"
+    return f"file:{spec['sha256']}"
+
+
+def imagenet_cache_path():
+    """Where torchvision looks for (and downloads) the ResNet-152 ImageNet weights."""
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(IMAGENET_WEIGHTS.url))
+
+
+def build_encoder(embed_size, spec):
+    """EncoderCNN(embed_size) with its frozen ResNet-152 rebuilt from an `encoder_spec` record.
+
+    ImageNet weights come from torch's cache, or a download; without both this stops
+    with a message saying where to put the file. It never falls back to random weights.
+    """
+    if spec['source'] == 'imagenet':
+        path = imagenet_cache_path()
+        if not os.path.exists(path):
+            try:  # torchvision downloads into the same cache when it can reach the network
+                torch.hub.load_state_dict_from_url(IMAGENET_WEIGHTS.url, progress=True, check_hash=True)
+            except Exception as e:  # no network, proxy refused, disk full: all say the same to the user
+                raise EncoderWeightsError(
+                    f"ResNet-152 ImageNet weights not found: {os.path.basename(path)} is not in {os.path.dirname(path)} "
+                    f"and downloading {IMAGENET_WEIGHTS.url} failed ({type(e).__name__}). Download it where you have "
+                    f"a network and copy it into {os.path.dirname(path)}/ (or pass --encoder_weights PATH), "
+                    f"or run with --encoder_weights none for random encoder weights") from None
+        return EncoderCNN(embed_size, weights=IMAGENET_WEIGHTS)
+    if spec['source'] == 'none':
+        # torchvision initialises from the global RNG: seed it, without disturbing the caller's stream
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec['seed'])
+            return EncoderCNN(embed_size, weights=None)
+    # a file: torchvision's resnet152 state dict, or an EncoderCNN's (the tutorial's encoder-*.pkl)
+    path = spec['path']
+    if not os.path.isfile(path):
+        raise EncoderWeightsError(f"encoder weights file {path} not found: pass --encoder_weights PATH")
+    if _sha256(path) != spec['sha256']:
+        warnings.warn(f"encoder weights file {path} changed since the checkpoint was written")
+    encoder = EncoderCNN(embed_size, weights=None)
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = {k[len('resnet.'):] if k.startswith('resnet.') else _resnet_key(k): v
+             for k, v in state.items() if not k.startswith(('fc.', 'linear.', 'bn.'))}
+    try:
+        encoder.resnet.load_state_dict(state)
+    except RuntimeError as e:
+        raise EncoderWeightsError(f"{path} is not a ResNet-152 state dict: {str(e).splitlines()[0]}") from None
+    return encoder
+
+
+_TORCHVISION_NAMES = ['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4', 'avgpool']
+
+
+def _resnet_key(key):
+    """torchvision's 'layer1.0.conv1.weight' -> nn.Sequential's '4.0.conv1.weight'."""
+    head, _, rest = key.partition('.')
+    return f'{_TORCHVISION_NAMES.index(head)}.{rest}' if head in _TORCHVISION_NAMES else key
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Saving and loading
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash while
+    saving leaves the previous checkpoint intact (os.replace is atomic on POSIX)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """torch.load with weights_only=True (tensors and plain containers only)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: train a model first (python train.py)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a loadable checkpoint: {str(e).splitlines()[0]}") from None
+
+
+def latest_checkpoint(model_path):
+    """The newest *.pt train.py wrote in model_path, or None."""
+    paths = glob.glob(os.path.join(model_path, '*.pt'))
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def encoder_state(encoder):
+    """The trainable part of the encoder's state: linear and bn, not the frozen ResNet."""
+    return {k: v for k, v in encoder.state_dict().items() if not k.startswith('resnet.')}
+
+
+@dataclass
+class Captioner:
+    """What sample.py and evaluate.py need: the two halves, the words, the preprocessing."""
+    encoder: EncoderCNN
+    decoder: DecoderRNN
+    vocab: Vocabulary
+    image_size: int  # resize.py's square size
+    crop_size: int   # the centre crop fed to the ResNet
+    source: str      # where it came from, for the user
+
+
+def load_captioner(checkpoint=None, encoder_path=None, decoder_path=None, vocab_path=None,
+                   model_path='models/', encoder_weights=None, device='cpu'):
+    """Rebuild a captioner in eval mode on `device`.
+
+    Either a checkpoint of train.py (by default the newest in model_path), or the
+    tutorial's three files: --encoder_path (a full EncoderCNN state dict with the
+    ResNet), --decoder_path (DecoderRNN with nn.LSTM keys) and --vocab_path.
+    `encoder_weights` ('imagenet', 'none' or a path) overrides the recorded encoder.
+    """
+    if decoder_path is not None:
+        state = load_checkpoint(decoder_path)
+        if 'decoder' in state:  # one of ours, passed under the tutorial's flag
+            checkpoint = decoder_path
+        else:
+            cap = _load_tutorial(encoder_path, state, vocab_path, encoder_weights, decoder_path)
+            return _to(cap, device)
+    if checkpoint is None:
+        checkpoint = latest_checkpoint(model_path)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint in {model_path}: train a model first (python train.py), "
+                                    f"or pass --encoder_path, --decoder_path and --vocab_path")
+    ckpt = load_checkpoint(checkpoint)
+    args = ckpt['args']
+    spec = encoder_spec(encoder_weights, args.get('seed', 0)) if encoder_weights else ckpt['encoder_weights']
+    encoder = build_encoder(args['embed_size'], spec)
+    missing, unexpected = encoder.load_state_dict(ckpt['encoder'], strict=False)
+    assert not unexpected and all(k.startswith('resnet.') for k in missing), 'encoder state mismatch'
+    fingerprint = ckpt.get('encoder_fingerprint')
+    if fingerprint is not None and not _same(fingerprint, resnet_fingerprint(encoder)):
+        warnings.warn(f"{checkpoint}: the rebuilt ResNet ({encoder_id(spec)}) differs from the one it was "
+                      f"trained with (another torch version initialises differently?); captions may be off")
+    vocab = Vocabulary.from_words(ckpt['vocab'])
+    decoder = DecoderRNN(args['embed_size'], args['hidden_size'], len(vocab), args['num_layers'],
+                         args.get('max_seq_length', 20))
+    decoder.load_state_dict(ckpt['decoder'])
+    cap = Captioner(encoder, decoder, vocab, args.get('image_size', 256), args['crop_size'], checkpoint)
+    return _to(cap, device)
+
+
+def resnet_fingerprint(encoder):
+    """A cheap checksum of the frozen ResNet, stored so a rebuilt one can be checked."""
+    return float(sum(p.double().sum() for p in encoder.resnet.parameters()))
+
+
+def _same(a, b):
+    return abs(a - b) <= 1e-6 * max(1.0, abs(a))
+
+
+def _load_tutorial(encoder_path, decoder_state, vocab_path, encoder_weights, decoder_path):
+    """The tutorial's files: sizes are read off the tensors, so no --embed_size mismatch."""
+    if encoder_path is None or vocab_path is None:
+        raise ValueError(f"{decoder_path} is a tutorial-style decoder: pass --encoder_path and --vocab_path with it")
+    vocab_size, embed_size = decoder_state['embed.weight'].shape
+    hidden_size = decoder_state['linear.weight'].shape[1]
+    num_layers = sum(1 for k in decoder_state if k.startswith('lstm.weight_ih_l') and not k.endswith('_reverse'))
+    vocab = load_vocab(vocab_path)
+    if len(vocab) != vocab_size:
+        raise ValueError(f"{vocab_path} has {len(vocab)} words but {decoder_path} was trained with {vocab_size}: "
+                         f"pass the vocab.pkl it was trained with")
+    decoder = DecoderRNN(embed_size, hidden_size, vocab_size, num_layers)
+    decoder.load_state_dict(decoder_state)  # my_LSTM accepts nn.LSTM's keys
+    encoder_state_dict = load_checkpoint(encoder_path)
+    if any(k.startswith('resnet.') for k in encoder_state_dict):  # the tutorial saved the whole ResNet too
+        encoder = EncoderCNN(embed_size, weights=None)
+        encoder.load_state_dict(encoder_state_dict)
+    else:
+        encoder = build_encoder(embed_size, encoder_spec(encoder_weights or 'imagenet'))
+        encoder.load_state_dict(encoder_state_dict, strict=False)
+    # the tutorial's sample.py resized straight to 224 x 224: keep its preprocessing
+    return Captioner(encoder, decoder, vocab, 224, 224, f'{encoder_path} + {decoder_path}')
+
+
+def _to(cap, device):
+    cap.encoder.to(device).eval()
+    cap.decoder.to(device).eval()
+    return cap
