@@ -1,0 +1,173 @@
+"""Caption pictures with a trained model.
+
+    $ python sample.py --image=png/example.png
+    <start> a group of giraffes standing in a field . <end>
+
+With no path flags it uses the newest checkpoint train.py wrote in --model_path (or, when
+there is none, the tutorial's pretrained files at their tutorial paths). --image takes one
+or more pictures or folders; --output DIR writes each picture with its caption under it.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from checkpoint import EncoderWeightsError, load_captioner
+from data_loader import load_image, open_rgb
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+# where the tutorial's README put its pretrained model
+TUTORIAL_FILES = ('models/encoder-5-3000.pkl', 'models/decoder-5-3000.pkl', 'data/vocab.pkl')
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--image', type=str, nargs='+', required=True, help='pictures or folders to caption')
+    # model: a checkpoint of train.py, or the tutorial's three files
+    parser.add_argument('--checkpoint', type=str, default=None,
+                        help='a train.py checkpoint (default: the newest in --model_path)')
+    parser.add_argument('--model_path', type=str, default='models/', help='where train.py wrote its checkpoints')
+    parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder-*.pkl")
+    parser.add_argument('--decoder_path', type=str, default=None,
+                        help="the tutorial's decoder-*.pkl (or a train.py checkpoint)")
+    parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl")
+    parser.add_argument('--encoder_weights', type=str, default=None,
+                        help="override the frozen ResNet's weights the checkpoint records: 'imagenet', 'none' or a path")
+    # decoding
+    parser.add_argument('--beam_size', type=int, default=1, help='1: greedy, the tutorial\'s decoding')
+    parser.add_argument('--length_penalty', type=float, default=0.0,
+                        help='beam search ranks by log p / length**alpha (0: plain log p)')
+    parser.add_argument('--max_length', type=int, default=None, help='longest caption (default: the model\'s, 20)')
+    # output
+    parser.add_argument('--output', type=str, default=None, help='folder for the captioned pictures (PNG)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args(argv)
+    if args.beam_size < 1:
+        parser.error(f'--beam_size must be at least 1, got {args.beam_size}')
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f'--max_length must be at least 1, got {args.max_length}')
+    given = [p is not None for p in (args.encoder_path, args.decoder_path, args.vocab_path)]
+    if any(given) and args.checkpoint:
+        parser.error('give either --checkpoint or --encoder_path/--decoder_path/--vocab_path, not both')
+    return args
+
+
+def find_images(paths):
+    """Expand folders into their pictures, in name order; a file is taken as it is."""
+    images = []
+    for path in paths:
+        if os.path.isdir(path):
+            images += sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        else:
+            images.append(path)
+    return images
+
+
+def caption_text(ids, vocab):
+    """Token ids -> '<start> a dog . <end>', cut after the first <end> (the tutorial's format)."""
+    words = []
+    for i in ids:
+        words.append(vocab.idx2word[int(i)])
+        if words[-1] == '<end>':
+            break
+    return ' '.join(words)
+
+
+def caption_images(captioner, images, device, beam_size=1, length_penalty=0.0, max_length=None):
+    """Caption a list of (1, 3, crop, crop) tensors in one batch; returns token id lists."""
+    batch = torch.cat(images).to(device)
+    with torch.no_grad():
+        features = captioner.encoder(batch)  # (N, E)
+        if beam_size == 1 and max_length is None:
+            return captioner.decoder.sample(features).tolist()
+        return captioner.decoder.beam_search(features, beam_size=beam_size, max_length=max_length,
+                                             length_penalty=length_penalty)
+
+
+def draw_caption(path, caption, out_path):
+    """Write the picture with its caption in a white band under it (PNG, atomically)."""
+    image = open_rgb(path)
+    width = 512
+    image = image.resize((width, max(1, round(image.height * width / image.width))), Image.Resampling.LANCZOS)
+    font = ImageFont.load_default(size=18)
+    text = caption.replace('<start> ', '').replace(' <end>', '')
+    lines, line = [], ''
+    for word in text.split():  # wrap to the picture's width
+        trial = f'{line} {word}'.strip()
+        if line and font.getlength(trial) > width - 20:
+            lines.append(line)
+            trial = word
+        line = trial
+    lines.append(line)
+    canvas = Image.new('RGB', (width, image.height + 10 + 24 * len(lines)), 'white')
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((10, image.height + 5 + 24 * i), line, fill='black', font=font)
+    tmp = out_path + '.tmp'
+    canvas.save(tmp, format='PNG')
+    os.replace(tmp, out_path)
+    return canvas
+
+
+def use_tutorial_files(model_path):
+    """No checkpoint of ours, but the tutorial's pretrained model where its README put it?"""
+    ours = os.path.isdir(model_path) and any(f.endswith('.pt') for f in os.listdir(model_path))
+    return not ours and all(os.path.isfile(f) for f in TUTORIAL_FILES)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    paths = find_images(args.image)
+    if not paths:
+        sys.exit(f'sample.py: error: no pictures in {" ".join(args.image)}')
+
+    # Open every picture first: a bad one stops the run before a model is built
+    for path in paths:
+        try:
+            open_rgb(path)
+        except FileNotFoundError:
+            print(f'sample.py: error: {path} not found: give the path of a picture', file=sys.stderr)
+            sys.exit(2)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            print(f'sample.py: error: {path} is not a picture Pillow can read ({type(e).__name__}): '
+                  f'give a JPEG or PNG file', file=sys.stderr)
+            sys.exit(2)
+
+    kw = dict(encoder_path=args.encoder_path, decoder_path=args.decoder_path, vocab_path=args.vocab_path)
+    if args.checkpoint is None and not any(kw.values()) and use_tutorial_files(args.model_path):
+        kw = dict(zip(kw, TUTORIAL_FILES))
+    try:
+        captioner = load_captioner(checkpoint=args.checkpoint, model_path=args.model_path,
+                                   encoder_weights=args.encoder_weights, device=device, **kw)
+    except (FileNotFoundError, ValueError, EncoderWeightsError) as e:
+        print(f'sample.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+    tensors = [load_image(p, captioner.image_size, captioner.crop_size) for p in paths]
+    captions = []
+    for i in range(0, len(tensors), 32):  # batches of 32 pictures
+        captions += caption_images(captioner, tensors[i:i + 32], device, args.beam_size,
+                                   args.length_penalty, args.max_length)
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+    for path, ids in zip(paths, captions):
+        text = caption_text(ids, captioner.vocab)
+        print(text if len(paths) == 1 else f'{path}: {text}')
+        if args.output:
+            out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + '_caption.png')
+            canvas = draw_caption(path, text, out)
+            if os.environ.get('DISPLAY') and sys.stdout.isatty():
+                canvas.show()  # a desktop session: open it in the image viewer too
+    if args.output:
+        print(f'wrote {len(paths)} captioned picture(s) to {args.output}')
+
+
+if __name__ == '__main__':
+    main()
