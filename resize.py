@@ -11,6 +11,8 @@ Example:
 import argparse
 import functools
 import os
+import re
+import signal
 import sys
 from multiprocessing import Pool
 
@@ -22,6 +24,9 @@ COCO_IMAGES_URL = 'http://images.cocodataset.org/zips/train2014.zip'
 # What Pillow raises for a file that is not an image, or a damaged one. Anything else
 # (a bug, a full disk) should stop the run rather than be counted as a bad file.
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+# resize_one writes output_dir/.NAME.PID.tmp, then renames it to output_dir/NAME
+TMP_NAME = re.compile(r'^\..+\.\d+\.tmp$')
 
 
 def to_rgb(image):
@@ -79,6 +84,11 @@ def resize_one(name, image_dir, output_dir, size):
     return 'resized', name, None
 
 
+def ignore_ctrl_c():
+    """Ctrl-C reaches every process of the run: only the main one reports it, and stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_all(work, names, num_workers):
     """Yield work(name) for every name: in num_workers processes, in whatever order they
     finish, or one by one in this process when num_workers is 0 or 1."""
@@ -88,7 +98,7 @@ def run_all(work, names, num_workers):
     # 16 images (about half a second of work) per message keeps the pool's overhead
     # negligible; fewer for a small folder, so that every worker gets some
     chunksize = max(1, min(16, len(names) // (4 * num_workers)))
-    with Pool(num_workers) as pool:
+    with Pool(num_workers, initializer=ignore_ctrl_c) as pool:
         yield from pool.imap_unordered(work, names, chunksize)
 
 
@@ -126,6 +136,11 @@ def main(argv=None):
     if not os.access(args.output_dir, os.W_OK):
         fail(f'cannot write into --output_dir {args.output_dir}: pick a folder you own')
 
+    # a run that was killed may have left temporary files: they are never finished images
+    for name in os.listdir(args.output_dir):
+        if TMP_NAME.match(name):
+            os.remove(os.path.join(args.output_dir, name))
+
     # sorted: the same order (and the same warnings) on every run; hidden files
     # (.DS_Store, our own temporary files) are not inputs
     names = sorted(n for n in os.listdir(args.image_dir)
@@ -141,7 +156,8 @@ def main(argv=None):
                 tqdm.write(f'warning: skipped {name}: not an image or corrupt ({why})', file=sys.stderr)
     except KeyboardInterrupt:
         # finished images are complete files (see resize_one), so nothing is lost
-        print(f"interrupted after {counts['resized']} images: run the same command again to finish", file=sys.stderr)
+        print(f"interrupted after resizing {counts['resized']} images: run the same command again to finish",
+              file=sys.stderr)
         sys.exit(130)
 
     listed = ', '.join(bad[:10]) + (f' and {len(bad) - 10} more' if len(bad) > 10 else '')

@@ -284,12 +284,14 @@ def test_resize_rerun_redoes_only_what_is_missing(tmp_path, capsys):
     assert 'Resized 0 images, skipped 7 (already done), 2 not images/corrupt' in capsys.readouterr().out
     assert {n: os.stat(tmp_path / 'out' / n).st_mtime_ns for n in done} == done, 'nothing rewritten'
 
-    # as after an interruption by another tool: one output missing, one cut short
+    # as after a crash: one output missing, one cut short (by another tool), a temporary file left over
     os.remove(tmp_path / 'out' / 'rgb.jpg')
     cut = tmp_path / 'out' / 'sideways.jpg'
     cut.write_bytes(cut.read_bytes()[:300])
+    (tmp_path / 'out' / '.rgb.jpg.12345.tmp').write_bytes(b'half an image')
     resize.main(args(24))
     assert 'Resized 2 images, skipped 5 (already done)' in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / 'out')) == sorted(done), 'the temporary file is gone'
     assert Image.open(cut).size == (24, 24)
     # a different --image_size redoes everything
     resize.main(args(16))
