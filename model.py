@@ -143,3 +143,130 @@ class DecoderRNN(nn.Module):
             sampled_ids.append(predicted)
             inputs = self.embed(predicted).unsqueeze(1)    # (N, 1, E)
         return torch.stack(sampled_ids, 1)                 # (N, max_seg_length)
+
+    @torch.no_grad()
+    def beam_search(self, features, beam_size=3, max_length=None, length_penalty=0.0, end_id=2,
+                    return_scores=False):
+        r"""Beam search: the `beam_size` most likely captions, kept for every image at once.
+
+        The decoding is sample()'s: the image feature is the first input, the first token
+        the model predicts is normally <start>, and each predicted token is the next input.
+        All N * K hypotheses advance together, one LSTM call per step, on the features'
+        device. A hypothesis ends when it predicts `end_id`; ended ones keep their place
+        in the beam (with their score) until better ones push them out, and the search
+        stops when every hypothesis of every image has ended, or after `max_length` steps.
+
+        Hypotheses are ranked by ``log p / L**length_penalty``, where log p is the sum of
+        the log-probabilities of the L tokens generated (the leading <start> and the final
+        <end> included). length_penalty=0 ranks by plain log p, the usual beam search;
+        length_penalty=1 ranks by the mean log-probability per token, which undoes beam
+        search's preference for short captions. (A simple form of the length normalisation
+        of https://arxiv.org/abs/1609.08144, section 7.)
+
+        beam_size=1 is greedy decoding: token for token sample()'s caption, cut after <end>.
+
+        Args:
+            beam_size: K, hypotheses kept per image. Default: 3
+            max_length: tokens generated at most, <start> and <end> included.
+                Default: None (self.max_seg_length, as sample())
+            length_penalty: alpha in the ranking above. Default: 0.0
+            end_id: the id of <end>. Default: 2
+            return_scores: also return each caption's log p. Default: False
+
+        Inputs: features
+            * features: (N, E), from EncoderCNN
+
+        Outputs: captions, or (captions, scores) when return_scores=True
+            * captions: list of N lists of token ids, the best hypothesis of each image,
+              from the first predicted token (normally <start>) to <end> if it ended
+            * scores: list of N floats, the sum of the log-probabilities of those tokens
+
+        where: N = batch size, E = embed_size, K = beam_size
+
+        Examples::
+
+            >>> decoder = DecoderRNN(8, 16, vocab_size=10, num_layers=1).eval()
+            >>> captions = decoder.beam_search(torch.randn(2, 8), beam_size=3, max_length=5)
+            >>> len(captions), all(1 <= len(c) <= 5 for c in captions)
+            (2, True)
+        """
+        if features.dim() != 2:
+            raise ValueError(f"DecoderRNN.beam_search: Expected features of shape (N, E), got {tuple(features.shape)}")
+        if beam_size < 1:
+            raise ValueError(f"DecoderRNN.beam_search: Expected beam_size >= 1, got {beam_size}")
+        T = self.max_seg_length if max_length is None else max_length
+        if T < 1:
+            raise ValueError(f"DecoderRNN.beam_search: Expected max_length >= 1, got {max_length}")
+        N, K, device = features.size(0), beam_size, features.device
+
+        # Hypothesis k of image n is row n*K + k everywhere (features, states, scores, tokens):
+        #
+        #   row:   0    1  ..  K-1 | K   K+1 .. 2K-1 | ...
+        #   image: 0    0  ..  0   | 1   1   .. 1    | ...
+        #
+        # At the start only beam 0 of each image is live: the others score -inf, so the
+        # first step's K best candidates all extend beam 0 (K copies of it would otherwise
+        # fill the beam with the same caption).
+        inputs = features.repeat_interleave(K, 0).unsqueeze(1)          # (N*K, 1, E)
+        scores = torch.full((N, K), float('-inf'), dtype=features.dtype, device=device)
+        scores[:, 0] = 0
+        scores = scores.view(-1)                                        # (N*K,) sum of log p
+        lengths = torch.zeros(N * K, dtype=torch.long, device=device)  # (N*K,) tokens generated
+        ended = torch.zeros(N * K, dtype=torch.bool, device=device)    # (N*K,) has predicted end_id
+        tokens = torch.empty(N * K, 0, dtype=torch.long, device=device)  # (N*K, t)
+        offsets = torch.arange(N, device=device).unsqueeze(1) * K       # (N, 1) first row of each image
+        states = None
+
+        for t in range(T):
+            hiddens, states = self.lstm(inputs, states)                 # (N*K, 1, H)
+            logits = self.linear(hiddens.squeeze(1))                    # (N*K, V)
+            V = logits.size(1)
+            logp = logits.log_softmax(1)                                # (N*K, V)
+            # An ended hypothesis has exactly one continuation, itself, at no cost: column
+            # end_id gets log p 0 and every other column -inf (its later tokens are ignored).
+            logp = torch.where(ended.unsqueeze(1), self._ended_row(V, end_id, logp), logp)
+            if K == 1:
+                # Greedy. Take the argmax of the logits, as sample() does, not of the log p:
+                # log_softmax could round two nearly equal logits to one value.
+                new = torch.where(ended, end_id, logits.argmax(1))      # (N,)
+                parents = torch.arange(N, device=device)                # (N,) each its own parent
+                scores = scores + logp.gather(1, new.unsqueeze(1)).squeeze(1)
+            else:
+                candidates = (scores.unsqueeze(1) + logp).view(N, K * V)  # (N, K*V) log p if extended so
+                # rank by log p / L**alpha, L being the candidate's length: t+1 if it is
+                # extended now, its own length if it had ended
+                rank = candidates
+                if length_penalty:
+                    length = torch.where(ended, lengths, t + 1).to(scores.dtype)  # (N*K,)
+                    rank = candidates / length.pow(length_penalty).repeat_interleave(V).view(N, K * V)
+                best = rank.topk(K, dim=1).indices                      # (N, K) into K*V
+                new = (best % V).view(-1)                               # (N*K,) token chosen
+                parents = (best // V + offsets).view(-1)                # (N*K,) row it extends
+                scores = candidates.gather(1, best).view(-1)            # (N*K,)
+            # Reorder everything by parent. The LSTM's state is (num_layers, N*K, H): dim 1.
+            was_ended = ended.index_select(0, parents)
+            lengths = torch.where(was_ended, lengths.index_select(0, parents), t + 1)
+            ended = was_ended | (new == end_id)
+            tokens = torch.cat((tokens.index_select(0, parents), new.unsqueeze(1)), 1)  # (N*K, t+1)
+            states = tuple(s.index_select(1, parents) for s in states)
+            # done: every hypothesis has ended, or is a dead (-inf) slot of a beam wider than
+            # the candidates so far. (One sync with the device a step; it saves the rest.)
+            if bool((ended | scores.isinf()).all()):
+                break
+            inputs = self.embed(new).unsqueeze(1)                       # (N*K, 1, E)
+
+        # the best hypothesis of each image by the same ranking
+        rank = scores / lengths.clamp(min=1).to(scores.dtype).pow(length_penalty)
+        best = (rank.view(N, K).argmax(1) + offsets.squeeze(1)).tolist()  # N rows
+        tokens, lengths, scores = tokens.tolist(), lengths.tolist(), scores.tolist()
+        captions = [tokens[r][:lengths[r]] for r in best]
+        if return_scores:
+            return captions, [scores[r] for r in best]
+        return captions
+
+    @staticmethod
+    def _ended_row(V, end_id, like):
+        """(1, V) log-probabilities of an ended hypothesis: 0 at end_id, -inf elsewhere."""
+        row = torch.full((1, V), float('-inf'), dtype=like.dtype, device=like.device)
+        row[0, end_id] = 0
+        return row
