@@ -78,12 +78,16 @@ METEOR_TIMEOUT_PER_IMAGE_S = 0.02
 # (?P<tok>...) group is the token actually emitted; the rest of its match is trailing
 # context that is scanned again (JFlex's `A/B` and yypushback).
 #
-# Known differences from the Java tokeniser (checked against the 3.4.1 jar on ~2000
-# caption-like sentences, see tests/test_metrics.py): only exotic input differs, e.g.
-# URLs with paths, e-mail addresses and @names, phone numbers such as "(555) 123-4567",
-# SGML/HTML tags spanning several words, characters outside the BMP (Java deletes them,
-# we keep them), the CP1252 control range U+0080-U+009F, and Unicode case-mapping corner
-# cases of toLowerCase vs str.lower.
+# Checked against the 3.4.1 jar on ~100,000 generated caption-like sentences (random
+# words, contractions, numbers, abbreviations, quotes, brackets and symbols, glued
+# together at random); tests/test_metrics.py repeats a small version when Java is there.
+# Where it can still differ from Java:
+#   * captions ending in a single letter and a period, or in "no."/"fig."/"art.": Java
+#     looks at the start of the next caption (see _scan);
+#   * exotic input: e-mail addresses and @names next to punctuation ("dog@,"), URLs with
+#     paths, words glued to abbreviations ("inc.A"), CP1252 characters U+0080-U+009F,
+#     characters outside the BMP (Java deletes them, we keep them), and Unicode
+#     case-mapping corner cases of Java's toLowerCase vs str.lower.
 # ---------------------------------------------------------------------------------------
 
 # Python's \w also takes numeric symbols (superscripts, vulgar fractions, circled
@@ -115,6 +119,12 @@ _ABBREV_CAPITAL = 'az ark del ill la mass miss ore pa tex wash'.split()
 _ABBREV = ('(?:(?i:{})|{}|(?i:pp?t)[ye](?i:s)?|(?i:m)[ft](?i:g)|(?i:ed|ph)\\.(?i:d))\\.'.format(
     '|'.join(sorted(_ABBREV_ANYCASE, key=len, reverse=True)),
     '|'.join(w[0].upper() + '(?i:' + w[1:] + ')' for w in _ABBREV_CAPITAL)))
+
+# 3.4.1 reads "b." + one of these (first letter upper case) as the end of a sentence
+_SENTENCE_START = '(?:{})'.format('|'.join(w[0] + '(?i:' + w[1:] + ')' for w in (
+    'About According Additionally After An A As At But Earlier He Her Here However If In It Last Many '
+    'More Mr. Ms. Now Once One Other Our She Since So Some Such That The Their Then There These They '
+    'This We When While What Yet You').replace('.', '\\.').split()))
 
 _QUOTE_MAP = {'"': "''", '\u2018': '`', '\u201b': '`', '\u2039': '`', '\u0091': '`',
               '\u2019': "'", '\u203a': "'", '\u0092': "'",
@@ -175,11 +185,15 @@ def _rules():
         (rf'(?:\d{{1,4}}[- \u00a0])?\d{{1,4}}(?:\\?/|\u2044)\d{{1,4}}', _nbsp),  # FRAC: 5 1/2
         ('[\u00bc\u00bd\u00be\u2153-\u215e]', lambda t: _FRACTIONS.get(t, t)),  # FRAC2
         (_ABBREV, None),                                                    # ABBREV1, ABBREV2
-        (rf'{_ACRO}\.|[A-Za-z]\.', None),                                   # ACRONYM: u.s. a.
+        # ACRONYM: u.s. a. -- but a single letter's period is split off at a likely sentence end:
+        # before a sentence-start word, and at the end of a caption (see _scan's note)
+        (rf'{_ACRO}\.|[A-Za-z]\.(?!\s+{_SENTENCE_START}(?:\s|$)|\s*$)', None),
         (rf'(?P<tok>(?i:no|nos|prop|ca|figs?|art|pp|op)\.){_SP}+\d', None),  # ABBREV3: no. 5
         (rf"(?:[dDoOlL]{_APOSETC}{_ALNUM})?{_ALNUM}+"
          rf"(?:[-_\u058a\u2010\u2011](?:[dDoOlL]{_APOSETC}{_ALNUM})?{_ALNUM}+)*", None),  # THING
         (r'[A-Z]+(?:(?:[+&]|&amp;)[A-Z]+)+', None),                         # THINGA: AT&T
+        ('(?:\\([0-9]{2,3}\\)[ \u00a0]?|(?:\\+\\+?)?(?:[0-9]{2,4}[- \u00a0])?[0-9]{2,4}[- \u00a0])'
+         '[0-9]{3,4}[- \u00a0]?[0-9]{3,5}', lambda t: _smiley(_nbsp(t))),       # PHONE: "747 100 100" is one!
         (r'[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}', None),  # THING3
         (rf'[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:[A-Za-z0-9\u00ad]+|{_ACRO}\.))+', None),  # HTHING
         (r'-(?i:RRB|LRB|RCB|LCB|RSB|LSB)-', None),                          # TBSPEC
@@ -212,7 +226,16 @@ _ASSIMILATED = frozenset(['cannot', 'gonna', 'gotta', 'lemme', 'gimme', 'wanna']
 
 
 def _scan(text):
-    """PTB tokens of one line, before lower-casing and the punctuation filter."""
+    """PTB tokens of one line, before lower-casing and the punctuation filter.
+
+    pycocoevalcap sends all captions through one Java process, one per line, and the lexer
+    looks across line ends in two rare cases; we tokenise each caption alone and assume
+    the next caption starts like most COCO captions do ("A ...", "The ..."):
+      * a caption ending in a single letter and a period ("Vitamin C.") -> 'c' (Java keeps
+        'c.' unless the next caption starts with a word of _SENTENCE_START);
+      * "no." "fig." "art." ... keep their period before a number; Java also keeps it at
+        the end of a caption when the next one starts with a digit.
+    """
     tokens, pos, end = [], 0, len(text)
     while pos < end:
         m = _SPACE_RE.match(text, pos)
