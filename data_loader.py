@@ -12,7 +12,7 @@ import zlib
 import torch
 import torch.utils.data as data
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
 from vocab import tokenize
@@ -32,15 +32,24 @@ def image_transform(crop_size, train):
     return T.Compose(crop + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def to_rgb(image):
+    """Any image Pillow opens -> an upright RGB image (the ResNet wants 3 channels)."""
+    image = ImageOps.exif_transpose(image)  # phone photos are stored sideways, with an EXIF 'rotate' tag
+    if image.mode.startswith('I'):  # 16-bit grayscale: 0..65535 -> 0..255 (convert would clip it to white)
+        image = image.point(lambda v: v / 256).convert('L')
+    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+        # composite on white, as the picture looks on a web page; dropping the alpha
+        # channel would show whatever colour the transparent pixels happen to hold
+        image = image.convert('RGBA')
+        image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image)
+    return image.convert('RGB')  # grayscale, palette and CMYK too
+
+
 def open_rgb(path):
-    """Open any image Pillow reads as RGB (grayscale, palette, CMYK, alpha on white)."""
+    """Open an image file as upright RGB (what resize.py writes, and what sampling reads)."""
     with Image.open(path) as image:
         image.load()
-    if image.mode in ('RGBA', 'LA') or (image.mode == 'P' and 'transparency' in image.info):
-        image = image.convert('RGBA')
-        background = Image.new('RGBA', image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert('RGB')
+        return to_rgb(image)
 
 
 def load_image(path, image_size, crop_size):

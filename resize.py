@@ -16,8 +16,10 @@ import signal
 import sys
 from multiprocessing import Pool
 
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
+
+from data_loader import to_rgb
 
 COCO_IMAGES_URL = 'http://images.cocodataset.org/zips/train2014.zip'
 
@@ -27,19 +29,6 @@ READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 # resize_one writes output_dir/.NAME.PID.tmp, then renames it to output_dir/NAME
 TMP_NAME = re.compile(r'^\..+\.\d+\.tmp$')
-
-
-def to_rgb(image):
-    """Any image Pillow opens -> an upright RGB image (the ResNet wants 3 channels)."""
-    image = ImageOps.exif_transpose(image)  # phone photos are stored sideways, with an EXIF 'rotate' tag
-    if image.mode.startswith('I'):  # 16-bit grayscale: 0..65535 -> 0..255 (convert would clip it to white)
-        image = image.point(lambda v: v / 256).convert('L')
-    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-        # composite on white, as the picture looks on a web page; dropping the alpha
-        # channel would show whatever colour the transparent pixels happen to hold
-        image = image.convert('RGBA')
-        image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image)
-    return image.convert('RGB')  # grayscale, palette and CMYK too
 
 
 def is_done(path, size):
