@@ -34,7 +34,8 @@ Things worth knowing when comparing numbers:
       images are in the set: scores on a small validation subset are not
       comparable with full-split numbers, and with a single image it is 0.
     * BLEU has tiny smoothing constants (1e-15, 1e-9) so a BLEU-4 with no
-      matching 4-gram is ~1e-3 on this scale, not exactly 0.
+      matching 4-gram is tiny (0.01 or less on this scale) but not exactly 0.
+    * bleu4() and cider_d() are the quick single numbers for model selection.
 """
 import functools
 import os
@@ -43,7 +44,7 @@ import shutil
 import threading
 import unicodedata
 
-__all__ = ['ptb_tokenize', 'score_captions', 'format_scores', 'bleu4', 'METRIC_NAMES', 'PUNCTUATIONS']
+__all__ = ['ptb_tokenize', 'score_captions', 'format_scores', 'bleu4', 'cider_d', 'METRIC_NAMES', 'PUNCTUATIONS']
 
 # output keys, in the order the COCO server (and most papers) list them
 METRIC_NAMES = ('BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4', 'METEOR', 'ROUGE-L', 'CIDEr-D')
@@ -51,7 +52,6 @@ METRIC_NAMES = ('BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4', 'METEOR', 'ROUGE-L', 'CI
 DEFAULT_METRICS = ('BLEU', 'METEOR', 'ROUGE_L', 'CIDEr')
 _ALIASES = {'bleu': 'BLEU', 'meteor': 'METEOR', 'rouge_l': 'ROUGE_L', 'rouge-l': 'ROUGE_L', 'rouge': 'ROUGE_L',
             'cider': 'CIDEr', 'cider-d': 'CIDEr', 'cider_d': 'CIDEr'}
-_OUTPUT_KEYS = {'BLEU': METRIC_NAMES[:4], 'METEOR': ('METEOR',), 'ROUGE_L': ('ROUGE-L',), 'CIDEr': ('CIDEr-D',)}
 
 # Copied from pycocoevalcap/tokenizer/ptbtokenizer.py: tokens dropped after PTB tokenisation
 # (tests/test_metrics.py checks the copy still matches). Note the bracket names are
@@ -463,6 +463,17 @@ def bleu4(gts, res):
     _, refs, cands = _prepare(gts, res, 'python')
     bleus, _ = Bleu(4).compute_score(refs, cands, verbose=0)
     return 100.0 * float(bleus[3])
+
+
+def cider_d(gts, res):
+    """CIDEr-D (0-100) with the python tokenizer, for model selection; same as score_captions' 'CIDEr-D'.
+
+    Its idf comes from the references of the images scored: compare values only across
+    models scored on the same images.
+    """
+    from pycocoevalcap.cider.cider import Cider
+    _, refs, cands = _prepare(gts, res, 'python')
+    return 100.0 * float(Cider().compute_score(refs, cands)[0])
 
 
 def format_scores(scores, skipped=None):

@@ -139,6 +139,7 @@ def test_bleu_rouge_cider_match_independent_computation():
     assert scores['ROUGE-L'] == pytest.approx(100 * ref_rouge_l(GTS, RES), rel=1e-9)
     assert scores['CIDEr-D'] == pytest.approx(100 * ref_cider_d(GTS, RES), rel=1e-9)
     assert metrics.bleu4(GTS, RES) == scores['BLEU-4']
+    assert metrics.cider_d(GTS, RES) == scores['CIDEr-D']
 
 
 def test_perfect_captions_score_100():
