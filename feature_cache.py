@@ -330,9 +330,10 @@ class FeatureCache:
                 if features is None:
                     reason = self._why_new(ingredients) if why == 'missing' else why
                     return self._build(encoder, ingredients, reason, device, batch_size, num_workers)
-        size = os.path.getsize(self.path)
-        _say(f'{os.path.basename(self.path)}: {features.shape[1]} images x {features.shape[0]} views '
-             f'({size / 1e6:.1f} MB) read from disk, the ResNet will not run')
+        if self.features is None:  # once per run, not again after torchrun's barrier
+            size = os.path.getsize(self.path)
+            _say(f'{os.path.basename(self.path)}: {features.shape[1]} images x {features.shape[0]} views '
+                 f'({size / 1e6:.1f} MB) read from disk, the ResNet will not run')
         self.features = features
         return features
 
@@ -391,21 +392,15 @@ class FeatureCache:
         loader = data.DataLoader(images, batch_size=max(1, batch_size // self.views), shuffle=False,
                                  num_workers=num_workers, pin_memory=device.type == 'cuda')
         out = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float32, shape=shape)
-        bar = tqdm(total=shape[1], unit='img', desc='feature cache', disable=not sys.stderr.isatty(),
-                   leave=False, dynamic_ncols=True)
-        with torch.inference_mode(), bar:
-            for rows, crops in loader:                                 # crops: (B, V, 3, crop, crop)
-                start, stop = int(rows[0]), int(rows[-1]) + 1
-                assert stop - start == len(rows), 'the image loader must keep row order'
-                x = crops.to(device, non_blocking=True).flatten(0, 1)  # (B*V, 3, crop, crop)
-                if device.type == 'cuda':
-                    x = x.contiguous(memory_format=torch.channels_last)  # as train.py feeds it
-                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    feats = encoder.extract(x)                         # (B*V, D)
-                feats = feats.float().cpu().numpy().reshape(len(rows), self.views, -1)  # (B, V, D)
-                out[:, start:stop] = feats.transpose(1, 0, 2)          # (V, B, D)
-                bar.update(len(rows))
-        out.flush()
+        try:
+            self._fill(out, encoder, device, loader)
+            out.flush()
+        except BaseException:
+            # an error or Ctrl-C: leave nothing behind (a SIGKILL leaves the .partial, which the
+            # next build deletes)
+            del out
+            os.remove(partial)
+            raise
         del out
         # on disk for real before the rename, and the rename before the meta that vouches for it
         with open(partial, 'rb+') as f:
@@ -424,6 +419,23 @@ class FeatureCache:
              f'({shape[0] * shape[1] / max(seconds, 1e-9):.1f} crops/s), {nbytes / 1e6:.1f} MB on disk')
         self.features = features
         return features
+
+    def _fill(self, out, encoder, device, loader):
+        """Run the ResNet over every batch of views, writing into out: (V, N, D)."""
+        bar = tqdm(total=out.shape[1], unit='img', desc='feature cache', disable=not sys.stderr.isatty(),
+                   leave=False, dynamic_ncols=True)
+        with torch.inference_mode(), bar:
+            for rows, crops in loader:                                 # crops: (B, V, 3, crop, crop)
+                start, stop = int(rows[0]), int(rows[-1]) + 1
+                assert stop - start == len(rows), 'the image loader must keep row order'
+                x = crops.to(device, non_blocking=True).flatten(0, 1)  # (B*V, 3, crop, crop)
+                if device.type == 'cuda':
+                    x = x.contiguous(memory_format=torch.channels_last)  # as train.py feeds it
+                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    feats = encoder.extract(x)                         # (B*V, D)
+                feats = feats.float().cpu().numpy().reshape(len(rows), self.views, -1)  # (B, V, D)
+                out[:, start:stop] = feats.transpose(1, 0, 2)          # (V, B, D)
+                bar.update(len(rows))
 
     def __getstate__(self):
         # DataLoader workers under spawn/forkserver pickle the dataset: a memmap would be
