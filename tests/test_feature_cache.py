@@ -186,20 +186,24 @@ def test_interrupted_build_is_rebuilt_not_used(coco_set, small_encoder, tmp_path
     cache = make_cache(*coco_set, tmp_path)
     extract = small_encoder.extract
 
-    def killed(images):  # Ctrl-C in the middle of the build
+    def interrupted(images):  # Ctrl-C in the middle of the build
         extract(images)
         raise KeyboardInterrupt
-    monkeypatch.setattr(small_encoder, 'extract', killed)
+    monkeypatch.setattr(small_encoder, 'extract', interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(cache, small_encoder)
-    assert os.path.exists(cache.path + '.partial')
-    assert not os.path.exists(cache.path) and not os.path.exists(cache.meta_path)
-    assert cache.load(small_encoder) is None
-
+    assert os.listdir(tmp_path) == [], 'an interrupted build left files behind'
     monkeypatch.setattr(small_encoder, 'extract', extract)
+
+    # a SIGKILL'd build leaves its .partial: half-written, never used, deleted and rebuilt
+    assert cache.load(small_encoder) is None
+    with open(cache.path + '.partial', 'wb') as f:
+        f.write(b'\x93NUMPY half a file')
+    assert make_cache(*coco_set, tmp_path).load(small_encoder) is None
     features = build(cache, small_encoder)
     assert 'left by an interrupted build' in capsys.readouterr().out
     assert not os.path.exists(cache.path + '.partial')
+    assert calls[0] == 6 + 6
     assert close(features[0], reference_features(cache, small_encoder))
 
 
