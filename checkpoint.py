@@ -16,6 +16,7 @@ tutorial's published files (encoder-5-3000.pkl, decoder-5-3000.pkl, vocab.pkl).
 import glob
 import hashlib
 import os
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -67,6 +68,27 @@ def imagenet_cache_path():
     return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(IMAGENET_WEIGHTS.url))
 
 
+def ensure_imagenet_weights():
+    """The path of the ResNet-152 ImageNet weights in torch's cache, downloading them when
+    missing. Without a network that stops with a message saying where to put the file."""
+    path = imagenet_cache_path()
+    if os.path.exists(path):
+        return path
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a firewall that drops packets would otherwise hang here forever
+    try:  # torchvision downloads into the same cache when it can reach the network
+        torch.hub.load_state_dict_from_url(IMAGENET_WEIGHTS.url, progress=True, check_hash=True)
+    except Exception as e:  # no network, proxy refused, disk full: all say the same to the user
+        raise EncoderWeightsError(
+            f"ResNet-152 ImageNet weights not found: {os.path.basename(path)} is not in {os.path.dirname(path)} "
+            f"and downloading {IMAGENET_WEIGHTS.url} failed ({type(e).__name__}). Download it where you have "
+            f"a network and copy it into {os.path.dirname(path)}/ (or pass --encoder_weights PATH), "
+            f"or run with --encoder_weights none for random encoder weights") from None
+    finally:
+        socket.setdefaulttimeout(timeout)
+    return path
+
+
 def build_encoder(embed_size, spec):
     """EncoderCNN(embed_size) with its frozen ResNet-152 rebuilt from an `encoder_spec` record.
 
@@ -74,16 +96,7 @@ def build_encoder(embed_size, spec):
     with a message saying where to put the file. It never falls back to random weights.
     """
     if spec['source'] == 'imagenet':
-        path = imagenet_cache_path()
-        if not os.path.exists(path):
-            try:  # torchvision downloads into the same cache when it can reach the network
-                torch.hub.load_state_dict_from_url(IMAGENET_WEIGHTS.url, progress=True, check_hash=True)
-            except Exception as e:  # no network, proxy refused, disk full: all say the same to the user
-                raise EncoderWeightsError(
-                    f"ResNet-152 ImageNet weights not found: {os.path.basename(path)} is not in {os.path.dirname(path)} "
-                    f"and downloading {IMAGENET_WEIGHTS.url} failed ({type(e).__name__}). Download it where you have "
-                    f"a network and copy it into {os.path.dirname(path)}/ (or pass --encoder_weights PATH), "
-                    f"or run with --encoder_weights none for random encoder weights") from None
+        ensure_imagenet_weights()
         return EncoderCNN(embed_size, weights=IMAGENET_WEIGHTS)
     if spec['source'] == 'none':
         # torchvision initialises from the global RNG: seed it, without disturbing the caller's stream
