@@ -289,12 +289,13 @@ class FeatureCache:
                 except (OSError, ValueError):
                     continue
                 if meta.get('complete') and meta.get('json') == os.path.abspath(self.json):
-                    others.append((meta.get('created', ''), name, meta.get('ingredients', {})))
+                    mtime = os.path.getmtime(os.path.join(self.cache_dir, name))
+                    others.append((mtime, name, meta.get('ingredients', {})))
         if not others:
             return 'no cache for this image set/crop/weights'
         _, name, old = max(others)
         changed = [k for k in ingredients if old.get(k) != ingredients[k]]
-        return f"no cache for this image set/crop/weights ({', '.join(changed) or 'key'} differ from {name})"
+        return f"no cache for this image set/crop/weights (changed since {name}: {', '.join(changed) or 'key'})"
 
     # -- load and build -------------------------------------------------------------------
 

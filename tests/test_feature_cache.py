@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -158,7 +159,8 @@ def test_changed_image_or_setting_builds_a_new_cache(own_set, small_encoder, tmp
     with torch.no_grad():
         weight[0, 0, 0, 0] += 1
     assert rebuilt(make_cache(*own_set, tmp_path), other)
-    assert 'crop_size differ' in capsys.readouterr().out  # the message says what changed
+    # the message says what changed since the last cache of these captions
+    assert re.search(r'changed since features-\w+\.json: [\w, ]*crop_size', capsys.readouterr().out)
     # the projection is not part of the key: it learns, the cache only holds the ResNet's output
     with torch.no_grad():
         weight[0, 0, 0, 0] = original
