@@ -202,9 +202,19 @@ class FeatureCache:
                                         f"annotations into data/annotations (see the README)")
             self._coco = COCO(self.json)
             # the unique images that have a caption, by id: the rows of the cache
-            self.image_ids = sorted({ann['image_id'] for ann in self._coco.anns.values()})
-            self.row = {image_id: row for row, image_id in enumerate(self.image_ids)}
+            self._image_ids = sorted({ann['image_id'] for ann in self._coco.anns.values()})
+            self._row = {image_id: row for row, image_id in enumerate(self._image_ids)}
         return self._coco
+
+    @property
+    def image_ids(self):
+        self.coco  # noqa: B018 -- loads the json on first use
+        return self._image_ids
+
+    @property
+    def row(self):
+        self.coco  # noqa: B018
+        return self._row
 
     def paths(self):
         """The N image files, in row order."""
