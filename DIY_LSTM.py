@@ -144,10 +144,10 @@ class my_LSTMCell(nn.Module):
 
     # --- conversion to and from nn.LSTM's layout (LSTM_LAYOUT above) ---
 
-    def _layout_parts(self):
-        """(nn.LSTM name, [our per-gate tensors in i, f, g, o order]) for the names this cell has."""
+    def lstm_layout(self):
+        """Yield (nn.LSTM name, [our per-gate parameters in i, f, g, o order]) for the names this cell has."""
         for name, parts in LSTM_LAYOUT.items():
-            tensors = [self.get_parameter(p) for p in parts if _has(self, p)]
+            tensors = [_get(self, p) for p in parts if _get(self, p) is not None]
             if tensors:
                 yield name, tensors
 
@@ -157,12 +157,12 @@ class my_LSTMCell(nn.Module):
         Returns a dict with 'weight_ih' (4*H, H_in), 'weight_hh' (4*H, H_out), and when
         present 'bias_ih' (4*H,), 'bias_hh' (4*H,), 'weight_hr' (H_out, H).
         """
-        return {name: torch.cat(ts) if len(ts) > 1 else ts[0] for name, ts in self._layout_parts()}
+        return {name: torch.cat(ts) if len(ts) > 1 else ts[0] for name, ts in self.lstm_layout()}
 
     @torch.no_grad()
     def load_lstm_weights(self, weights):
         """Copy in a dict of nn.LSTM-layout tensors (the inverse of lstm_weights)."""
-        for name, ts in self._layout_parts():
+        for name, ts in self.lstm_layout():
             for p, w in zip(ts, weights[name].chunk(len(ts))):
                 p.copy_(w)
 
@@ -195,7 +195,7 @@ class my_LSTMCell(nn.Module):
 
     def _fuse(self):
         def stack(name):  # like lstm_weights()[name], with gate g (the third) doubled
-            return torch.cat([2 * p if k == 2 else p for k, p in enumerate(dict(self._layout_parts())[name])])
+            return torch.cat([2 * p if k == 2 else p for k, p in enumerate(dict(self.lstm_layout())[name])])
         b = stack('bias_ih') + stack('bias_hh') if self.bias else None
         return stack('weight_ih'), stack('weight_hh'), b, self.fc_hr.weight if self.fc_hr is not None else None
 
@@ -215,11 +215,11 @@ class my_LSTMCell(nn.Module):
         return s + (f', proj_size={self.proj_size}' if self.proj_size else '')
 
 
-def _has(module, dotted):
-    """Whether module has the parameter named dotted ('fc_ii.bias' is None when bias=False)."""
-    owner, _, name = dotted.rpartition('.')
+def _get(module, dotted):
+    """module.fc_ii.bias for 'fc_ii.bias'; None where it does not exist (bias=False, no projection)."""
+    owner, _, name = dotted.partition('.')
     sub = getattr(module, owner, None)
-    return sub is not None and getattr(sub, name, None) is not None
+    return getattr(sub, name, None) if sub is not None else None
 
 
 def _check_sizes(cls, input_size, hidden_size, proj_size):

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from DIY_LSTM import LSTM_LAYOUT, my_LSTM  # noqa: E402  (the repository root is not a package)
+from DIY_LSTM import my_LSTM  # noqa: E402  (the repository root is not a package)
 
 # the issue's targets: my_LSTM time / nn.LSTM time at most this (None: report only)
 TARGETS = {'cpu': {'a': 0.75, 'b': 1.05, 'c': 0.5}, 'cuda': {'a': 2.0, 'c': None}}
@@ -90,9 +90,8 @@ def lstm_grads(model):
     """The weight gradients under nn.LSTM's names and layout, for either module."""
     if isinstance(model, nn.LSTM):
         return {name: p.grad for name, p in model.named_parameters()}
-    return {f'{name}_{suffix}': torch.cat([cell.get_parameter(part).grad for part in parts])
-            for suffix, cell in model.cells.items() for name, parts in LSTM_LAYOUT.items()
-            if name != 'weight_hr' or cell.proj_size}
+    return {f'{name}_{suffix}': torch.cat([p.grad for p in params])
+            for suffix, cell in model.cells.items() for name, params in cell.lstm_layout()}
 
 
 def time_rounds(cases, device, args):

@@ -1,0 +1,429 @@
+"""my_LSTM against nn.LSTM with copied weights: outputs, states, gradients, errors, state dicts.
+
+    python -m pytest tests/test_diy_lstm.py -q
+"""
+import doctest
+import io
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
+
+import DIY_LSTM
+from DIY_LSTM import lstm_layer, my_LSTM, my_LSTMCell
+
+# nn.LSTM says so on every call with proj_size > 0; it is not about my_LSTM
+pytestmark = pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN')
+
+H_IN, H = 5, 7
+LENGTHS = [4, 2, 5]  # unsorted on purpose: enforce_sorted=False has to reorder them
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # The sizes here are tiny: with more threads, a busy machine makes every matmul wait
+    # for a descheduled worker (milliseconds each), and the file takes minutes, not seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lstm_grads(m):
+    """my_LSTM's parameter gradients under nn.LSTM's names and layout."""
+    return {f'{name}_{suffix}': torch.cat([p.grad for p in params])
+            for suffix, cell in m.cells.items() for name, params in cell.lstm_layout()}
+
+
+def make_input(kind, batch_first, dtype=torch.float32, device='cpu', seed=0):
+    """(input for the LSTM, leaf tensors that need a gradient, N)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randn(n, H_IN, generator=g, dtype=dtype).to(device).requires_grad_() for n in LENGTHS]
+    if kind == 'packed_unsorted':
+        return (lambda: pack_sequence(seqs, enforce_sorted=False)), seqs, len(seqs)
+    if kind == 'packed_sorted':
+        srt = sorted(seqs, key=len, reverse=True)
+        return (lambda: pack_sequence(srt)), seqs, len(seqs)
+    if kind == 'unbatched':
+        x = seqs[0]
+        return (lambda: x), [x], None
+    x = torch.randn(4, 3, H_IN, generator=g, dtype=dtype).to(device)       # (L, N, H_in)
+    x = (x.transpose(0, 1).contiguous() if batch_first else x).requires_grad_()
+    return (lambda: x), [x], 3
+
+
+def run_both(ref, m, make, leaves, hx):
+    """Forward + backward with the same random loss through both; returns their results."""
+    results = []
+    for model in (ref, m):
+        for t in leaves + list(hx or ()) + list(model.parameters()):
+            t.grad = None
+        out, (h_n, c_n) = model(make(), hx)
+        data = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+        g = torch.Generator().manual_seed(1)
+        loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum()
+                   for t in (data, h_n, c_n))
+        loss.backward()
+        grads = [t.grad for t in leaves + list(hx or ())]
+        results.append((out, data, h_n, c_n, grads))
+    return results
+
+
+CONFIGS = [dict(num_layers=nl, bidirectional=bd, proj_size=ps, bias=b)
+           for nl, bd, ps, b in itertools.product([1, 3], [False, True], [0, 3], [True, False])]
+INPUTS = ['dense', 'dense_batch_first', 'packed_sorted', 'packed_unsorted', 'unbatched']
+
+
+@pytest.mark.parametrize('with_hx', [False, True], ids=['no_hx', 'hx'])
+@pytest.mark.parametrize('kind', INPUTS)
+@pytest.mark.parametrize('cfg', CONFIGS, ids=lambda c: '-'.join(f'{k}={int(v)}' for k, v in c.items()))
+def test_matches_nn_lstm(cfg, kind, with_hx):
+    torch.manual_seed(0)
+    batch_first = kind == 'dense_batch_first'
+    ref = nn.LSTM(H_IN, H, batch_first=batch_first, **cfg)
+    m = my_LSTM.from_lstm(ref)
+    make, leaves, N = make_input(kind.replace('_batch_first', ''), batch_first)
+    hx = None
+    if with_hx:
+        D = 2 if cfg['bidirectional'] else 1
+        h_out = cfg['proj_size'] or H
+        lead = (D * cfg['num_layers'],) + ((N,) if N else ())
+        hx = (torch.randn(*lead, h_out, requires_grad=True), torch.randn(*lead, H, requires_grad=True))
+    (o1, d1, h1, c1, g1), (o2, d2, h2, c2, g2) = run_both(ref, m, make, leaves, hx)
+    close = dict(atol=1e-5, rtol=1e-5)
+    assert d1.shape == d2.shape and h1.shape == h2.shape and c1.shape == c2.shape
+    torch.testing.assert_close(d2, d1, **close)
+    torch.testing.assert_close(h2, h1, **close)
+    torch.testing.assert_close(c2, c1, **close)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, a, **close)
+    ref_grads = {k: p.grad for k, p in ref.named_parameters()}
+    my_grads = lstm_grads(m)
+    assert sorted(my_grads) == sorted(ref_grads)
+    for k in ref_grads:
+        torch.testing.assert_close(my_grads[k], ref_grads[k], **close, msg=lambda s: f'{k}: {s}')
+    if kind.startswith('packed'):
+        for name in ('batch_sizes', 'sorted_indices', 'unsorted_indices'):
+            a, b = getattr(o1, name), getattr(o2, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_float64_is_tighter():
+    torch.manual_seed(0)
+    ref = nn.LSTM(H_IN, H, num_layers=2, bidirectional=True, proj_size=3).double()
+    m = my_LSTM.from_lstm(ref)
+    make, leaves, _ = make_input('packed_unsorted', False, dtype=torch.float64)
+    (_, d1, h1, c1, g1), (_, d2, h2, c2, g2) = run_both(ref, m, make, leaves, None)
+    for a, b in zip([d1, h1, c1] + g1, [d2, h2, c2] + g2):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+    for k, g in lstm_grads(m).items():
+        torch.testing.assert_close(g, ref.get_parameter(k).grad, atol=1e-12, rtol=1e-10)
+
+
+def test_gradcheck_inputs_and_parameters():
+    torch.manual_seed(0)
+    m = my_LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64)
+    seqs = [torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (2, 3, 1)]
+    h0 = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def inputs_fn(*args):
+        out, (h, c) = m(pack_sequence(list(args[:3]), enforce_sorted=False), (args[3], args[4]))
+        return out.data, h, c
+    assert torch.autograd.gradcheck(inputs_fn, (*seqs, h0, c0))
+
+    names = [k for k, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+
+    def params_fn(*ps):
+        out, (h, c) = functional_call(m, dict(zip(names, ps)), (x,))
+        return out, h, c
+    # fast mode checks random directions: all ~500 parameters in a second, not in twenty
+    assert torch.autograd.gradcheck(params_fn, params, fast_mode=True)
+
+
+def test_gradcheck_dense_bias_free():
+    torch.manual_seed(0)
+    m = my_LSTM(3, 4, bias=False, batch_first=True, dtype=torch.float64)
+    x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: m(x)[0], (x,))
+
+
+@pytest.mark.parametrize('proj_size', [0, 3])
+def test_fused_layer_equals_per_gate_cell(proj_size):
+    """lstm_layer (concatenated weights, hand-written backward) == my_LSTMCell, step by step."""
+    torch.manual_seed(0)
+    cell = my_LSTMCell(H_IN, H, proj_size=proj_size)
+    h_out = proj_size or H
+    x = torch.randn(6, 2, H_IN)                                                # (L, N, H_in)
+    h0, c0 = torch.randn(2, h_out), torch.randn(2, H)
+    out, h_n, c_n = lstm_layer(cell, x.view(-1, H_IN), [2] * 6, h0, c0)
+    h, c = h0, c0
+    steps = []
+    for x_t in x:
+        h, c = cell(x_t, (h, c))
+        steps.append(h)
+    torch.testing.assert_close(out.view(6, 2, h_out), torch.stack(steps), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h_n, h, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(c_n, c, atol=1e-6, rtol=1e-5)
+
+
+def test_cell_matches_nn_lstmcell():
+    torch.manual_seed(0)
+    ref = nn.LSTMCell(H_IN, H)
+    cell = my_LSTMCell(H_IN, H)
+    cell.load_lstm_weights({k: v for k, v in ref.state_dict().items()})
+    x, hx = torch.randn(3, H_IN), (torch.randn(3, H), torch.randn(3, H))
+    for a, b in zip(ref(x, hx), cell(x, hx)):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    for a, b in zip(ref(x[0]), cell(x[0])):                                   # unbatched, no state
+        assert b.shape == (H,)
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_greedy_single_steps_equal_one_call():
+    """DecoderRNN.sample feeds (N, 1, E) steps and carries the state, under no_grad."""
+    torch.manual_seed(0)
+    m = my_LSTM(H_IN, H, num_layers=2, batch_first=True)
+    x = torch.randn(1, 6, H_IN)
+    with torch.no_grad():
+        full, (h_full, c_full) = m(x)
+        states, steps = None, []
+        for t in range(6):
+            out, states = m(x[:, t:t + 1], states)
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+    torch.testing.assert_close(states[0], h_full)
+    torch.testing.assert_close(states[1], c_full)
+
+
+def test_inference_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    m = my_LSTM(H_IN, H)
+    x = torch.randn(3, 2, H_IN)
+    with torch.no_grad():
+        before = m(x)[0]
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(x)[0].sum().backward()
+    opt.step()                                     # in place: bumps every parameter's version
+    with torch.no_grad():
+        after = m(x)[0]
+    fresh = m(x)[0].detach()                       # with grad: concatenated anew
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh)
+    m.load_state_dict(my_LSTM(H_IN, H).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0], m.to_lstm()(x)[0], atol=1e-6, rtol=1e-5)
+    m.double()                                     # new tensors behind the same parameters
+    with torch.no_grad():
+        assert m(x.double())[0].dtype == torch.float64
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    ref = nn.LSTM(H_IN, H, num_layers=3, dropout=1.0)
+    m = my_LSTM.from_lstm(ref)
+    x = torch.randn(4, 2, H_IN)
+    # p = 1 zeroes every layer's output but the last: deterministic, so comparable
+    for mode in (True, False):
+        ref.train(mode), m.train(mode)
+        torch.testing.assert_close(m(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
+    m = my_LSTM(H_IN, H, num_layers=2, dropout=0.5)
+    m.eval()
+    torch.testing.assert_close(m(x)[0], m(x)[0])
+    m.train()
+    a, b = m(x)[0], m(x)[0]
+    assert not torch.allclose(a, b)                # a fresh mask each call
+    m1 = my_LSTM(H_IN, H, num_layers=1)
+    with pytest.warns(UserWarning, match='num_layers greater than 1'):
+        my_LSTM(H_IN, H, num_layers=1, dropout=0.5)
+    m1.train()
+    torch.testing.assert_close(m1(x)[0], m1(x)[0])  # nothing to drop with one layer
+
+
+@pytest.mark.parametrize('cls', [nn.LSTM, my_LSTM])
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(dropout=-0.1), 'dropout'), (dict(dropout=1.5), 'dropout'), (dict(dropout='0.5'), 'dropout'),
+    (dict(proj_size=H), 'proj_size'), (dict(proj_size=-1), 'proj_size'),
+    (dict(hidden_size=0, proj_size=0), 'hidden_size'), (dict(num_layers=0), 'num_layers'),
+])
+def test_bad_arguments_raise_value_error(cls, kwargs, match):
+    args = dict(input_size=H_IN, hidden_size=H)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        cls(**args)
+
+
+def test_bad_sizes_name_what_came():
+    with pytest.raises(ValueError, match='input_size=0'):
+        my_LSTM(0, H)
+    with pytest.raises(ValueError, match='proj_size=7 and hidden_size=7'):
+        my_LSTM(H_IN, H, proj_size=7)
+    with pytest.raises(TypeError, match='hidden_size should be of type int, got: float'):
+        my_LSTM(H_IN, 7.0)
+
+
+@pytest.mark.parametrize('cls', [nn.LSTM, my_LSTM])
+def test_bad_inputs(cls):
+    m = cls(H_IN, H, num_layers=2)
+    with pytest.raises(ValueError, match='Expected input to be 2D or 3D, got 4D instead'):
+        m(torch.randn(2, 3, 4, H_IN))
+    with pytest.raises(ValueError, match='2D or 3D, got 1D'):
+        m(torch.randn(H_IN))
+    with pytest.raises(RuntimeError, match=f'input.size\\(-1\\) must be equal to input_size. Expected {H_IN}, got 4'):
+        m(torch.randn(3, 2, 4))
+    x = torch.randn(3, 2, H_IN)
+    with pytest.raises(RuntimeError, match=r'Expected hidden\[0\] size \(2, 2, 7\), got \[1, 2, 7\]'):
+        m(x, (torch.zeros(1, 2, H), torch.zeros(2, 2, H)))
+    with pytest.raises(RuntimeError, match=r'Expected hidden\[1\] size \(2, 2, 7\), got \[2, 2, 6\]'):
+        m(x, (torch.zeros(2, 2, H), torch.zeros(2, 2, 6)))
+    with pytest.raises(RuntimeError, match='should also be 3-D but got \\(2-D, 2-D\\)'):
+        m(x, (torch.zeros(2, H), torch.zeros(2, H)))
+    with pytest.raises(RuntimeError, match='should also be 2-D but got \\(3-D, 3-D\\)'):
+        m(x[:, 0], (torch.zeros(2, 1, H), torch.zeros(2, 1, H)))
+
+
+def test_packed_hx_shape_checked():
+    m = my_LSTM(H_IN, H)
+    packed = pack_sequence([torch.randn(3, H_IN), torch.randn(2, H_IN)])
+    with pytest.raises(RuntimeError, match=r'Expected hidden\[0\] size \(1, 2, 7\), got \[1, 3, 7\]'):
+        m(packed, (torch.zeros(1, 3, H), torch.zeros(1, 3, H)))
+
+
+def test_state_dict_exchange_both_ways(tmp_path):
+    torch.manual_seed(0)
+    ref = nn.LSTM(H_IN, H, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+    x = torch.randn(2, 4, H_IN)
+    # nn.LSTM -> my_LSTM, through load_state_dict with nn.LSTM's keys (strict)
+    m = my_LSTM(H_IN, H, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+    m.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(m(x)[0], ref(x)[0], atol=1e-6, rtol=1e-5)
+    assert 'cells.l1_reverse.fc_hr.weight' in m.state_dict()
+    assert 'cells.l0.fc_ig.bias' in m.state_dict()
+    # my_LSTM -> nn.LSTM, both by to_lstm and by key
+    back = m.to_lstm()
+    assert isinstance(back, nn.LSTM) and back.batch_first and back.proj_size == 3
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+        assert torch.equal(m.lstm_state_dict()[k], v), k
+    # its own state dict, through a file, with the safe loader
+    path = tmp_path / 'lstm.pt'
+    torch.save(m.state_dict(), path)
+    m2 = my_LSTM(H_IN, H, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+    m2.load_state_dict(torch.load(path, weights_only=True))
+    torch.testing.assert_close(m2(x)[0], m(x)[0])
+    # the whole module pickles like any other
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m3 = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(m3(x)[0], m(x)[0])
+
+
+def test_tutorial_decoder_checkpoint_loads_into_my_lstm_decoder():
+    """A decoder state dict saved with nn.LSTM ('lstm.weight_ih_l0', ...) loads strictly."""
+    class Decoder(nn.Module):
+        def __init__(self, lstm_cls):
+            super().__init__()
+            self.embed = nn.Embedding(10, H_IN)
+            self.lstm = lstm_cls(H_IN, H, 1, batch_first=True)
+            self.linear = nn.Linear(H, 10)
+
+    torch.manual_seed(0)
+    tutorial = Decoder(nn.LSTM)
+    sd = tutorial.state_dict()
+    assert 'lstm.weight_ih_l0' in sd and 'lstm.bias_hh_l0' in sd
+    mine = Decoder(my_LSTM)
+    result = mine.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 3, H_IN)
+    torch.testing.assert_close(mine.lstm(x)[0], tutorial.lstm(x)[0], atol=1e-6, rtol=1e-5)
+    mine.load_state_dict(mine.state_dict())        # and its own keys still load
+    sd.pop('lstm.bias_hh_l0')
+    with pytest.raises(RuntimeError, match='Missing key'):
+        mine.load_state_dict(sd)
+
+
+def test_from_lstm_keeps_mode_device_dtype():
+    ref = nn.LSTM(H_IN, H, num_layers=2, dropout=0.3).double().eval()
+    m = my_LSTM.from_lstm(ref)
+    assert not m.training and m.dropout == 0.3 and m.num_layers == 2
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+
+
+def test_initialisation_like_nn_lstm():
+    torch.manual_seed(0)
+    m = my_LSTM(H_IN, 100, num_layers=2, proj_size=10)
+    k = 100 ** -0.5
+    values = torch.cat([p.flatten() for p in m.parameters()])
+    assert values.abs().max() <= k and values.abs().max() > 0.95 * k
+    assert abs(values.mean()) < 0.05 * k                        # uniform, centred
+    assert m.cells.l0.fc_hi.weight.shape == (100, 10)           # hidden side reads the projected h
+    assert m.cells.l1.fc_ii.weight.shape == (100, 10)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu(dtype):
+    torch.manual_seed(0)
+    m = my_LSTM(H_IN, H, num_layers=2, batch_first=True)
+    x = torch.randn(3, 4, H_IN)
+    ref_out = m(x)[0]
+    m_half = my_LSTM.from_lstm(m.to_lstm()).to(dtype)
+    out, (h, c) = m_half(x.to(dtype))
+    assert out.dtype == h.dtype == c.dtype == dtype
+    torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in m_half.parameters())
+
+
+def test_doc_examples():
+    failures, tried = doctest.testmod(DIY_LSTM, extraglobs={'torch': torch})
+    assert tried > 0 and failures == 0
+
+
+@CUDA
+@pytest.mark.parametrize('kind', ['dense', 'packed_unsorted'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_cuda_matches_nn_lstm(kind, dtype):
+    torch.manual_seed(0)
+    ref = nn.LSTM(H_IN, H, num_layers=2, bidirectional=True).cuda().to(dtype)
+    m = my_LSTM.from_lstm(ref)
+    make, leaves, _ = make_input(kind, False, dtype=dtype, device='cuda')
+    (_, d1, h1, c1, g1), (_, d2, h2, c2, g2) = run_both(ref, m, make, leaves, None)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for a, b in zip([d1, h1, c1] + g1, [d2, h2, c2] + g2):
+        torch.testing.assert_close(b, a, **tol)
+
+
+@CUDA
+def test_cuda_module_moves():
+    m = my_LSTM(H_IN, H).cuda()
+    with torch.no_grad():
+        out, (h, c) = m(torch.randn(3, 2, H_IN, device='cuda'))
+    assert out.is_cuda and h.is_cuda
+    m.cpu()
+    with torch.no_grad():
+        assert not m(torch.randn(3, 2, H_IN))[0].is_cuda
+
+
+def test_pad_packed_roundtrip_lengths():
+    """The packed output unpacks to the caller's order, zeros past each length."""
+    torch.manual_seed(0)
+    m = my_LSTM(H_IN, H, batch_first=True)
+    seqs = [torch.randn(n, H_IN) for n in LENGTHS]
+    padded = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    out, (h, _) = m(pack_padded_sequence(padded, LENGTHS, batch_first=True, enforce_sorted=False))
+    unpacked, lengths = pad_packed_sequence(out, batch_first=True)
+    assert lengths.tolist() == LENGTHS
+    for b, n in enumerate(LENGTHS):
+        alone, (h_alone, _) = m(seqs[b].unsqueeze(0))
+        torch.testing.assert_close(unpacked[b, :n], alone[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(h[0, b], h_alone[0, 0], atol=1e-6, rtol=1e-5)
+        assert (unpacked[b, n:] == 0).all()
