@@ -1,0 +1,310 @@
+"""Caption every image of a COCO caption file and score the captions the COCO way.
+
+    $ python evaluate.py --checkpoint models/best.pt          # the 40,504 val2014 images, beam size 3
+
+Writes the captions in COCO's results format, [{"image_id": 391895, "caption": "a man riding a
+bike down a road"}, ...], to --results_path, then prints BLEU-1..4, METEOR, ROUGE-L and CIDEr-D
+of pycocoevalcap (the COCO caption server's implementations, through metrics.py) against all
+the reference captions of each image, on the 0-100 scale papers use. METEOR needs Java: without
+it, it is reported as skipped. Tokenisation never needs Java (metrics.ptb_tokenize).
+
+Karpathy's split (the one papers report on: 5,000 val2014 images for test, 5,000 for val) comes
+from his dataset_coco.json, in http://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip:
+
+    $ python evaluate.py --split_file data/dataset_coco.json --split test
+
+For train.py, `caption_features` turns (N, E) image features into caption strings ready for metrics.py.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from checkpoint import EncoderWeightsError, load_captioner
+from data_loader import load_image
+from metrics import format_scores, score_captions
+
+KARPATHY_URL = 'http://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip'
+# left out of the caption text; <unk> stays, so an unknown word still costs its n-grams
+DROPPED = ('<pad>', '<start>', '<end>')
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    parser.add_argument('--image_dir', type=str, default='data/resizedval2014', help='images made by resize.py')
+    parser.add_argument('--caption_path', type=str, default='data/annotations/captions_val2014.json',
+                        help='COCO-format caption file: the images to caption and their reference captions')
+    parser.add_argument('--split_file', type=str, default=None,
+                        help=f"Karpathy's dataset_coco.json (from {KARPATHY_URL}): caption only the images of "
+                             f"--split, matched to --caption_path by cocoid (default: every image of --caption_path)")
+    parser.add_argument('--split', type=str, default=None, choices=['test', 'val', 'train', 'restval'],
+                        help="which split of --split_file (default: 'test' when --split_file is given)")
+    parser.add_argument('--max_images', type=int, default=0,
+                        help='caption only the first this many images, by image id (0: all)')
+    # model: a checkpoint of train.py, or the tutorial's three files (as sample.py)
+    parser.add_argument('--checkpoint', type=str, default=None,
+                        help='a train.py checkpoint (default: the newest in --model_path)')
+    parser.add_argument('--model_path', type=str, default='models/', help='where train.py wrote its checkpoints')
+    parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder-*.pkl")
+    parser.add_argument('--decoder_path', type=str, default=None,
+                        help="the tutorial's decoder-*.pkl (or a train.py checkpoint)")
+    parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl")
+    parser.add_argument('--encoder_weights', type=str, default=None,
+                        help="override the frozen ResNet's weights the checkpoint records: 'imagenet', 'none' or a path")
+    # decoding
+    parser.add_argument('--beam_size', type=int, default=3, help='hypotheses kept per image (1: greedy)')
+    parser.add_argument('--length_penalty', type=float, default=0.0,
+                        help='beam search ranks by log p / length**alpha (0: plain log p)')
+    parser.add_argument('--max_length', type=int, default=None,
+                        help="longest caption in tokens, <start> and <end> included (default: the model's, 20)")
+    # output and speed
+    parser.add_argument('--results_path', type=str, default=None,
+                        help='COCO results JSON to write (default: captions_<split>_results.json beside the model)')
+    parser.add_argument('--batch_size', type=int, default=64, help='images per batch')
+    parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args(argv)
+    for name in ('beam_size', 'batch_size'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f'--max_length must be at least 1, got {args.max_length}')
+    if args.max_images < 0:
+        parser.error(f'--max_images must be 0 (all) or more, got {args.max_images}')
+    if args.num_workers < 0:
+        parser.error(f'--num_workers must be 0 or more, got {args.num_workers}')
+    if args.length_penalty < 0:
+        parser.error(f'--length_penalty must be 0 or more, got {args.length_penalty}')
+    if args.split is not None and args.split_file is None:
+        parser.error('--split needs --split_file (Karpathy\'s dataset_coco.json)')
+    if args.split_file is not None and args.split is None:
+        args.split = 'test'
+    if any(p is not None for p in (args.encoder_path, args.decoder_path, args.vocab_path)) and args.checkpoint:
+        parser.error('give either --checkpoint or --encoder_path/--decoder_path/--vocab_path, not both')
+    return args
+
+
+def fail(message):
+    """Bad input: one line saying what is wrong and how to fix it, exit code 2, no traceback."""
+    print(f'evaluate.py: error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------
+# What to caption, and the references
+
+def read_json(path, what, fix):
+    if not os.path.isfile(path):
+        fail(f'{what} {path} not found: {fix}')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f'{path} is not a readable JSON file ({type(e).__name__}): {fix}')
+
+
+def load_references(caption_path):
+    """COCO caption file -> ({image_id: file_name}, {image_id: [reference captions]})."""
+    coco = read_json(caption_path, 'caption file', 'pass --caption_path (COCO\'s captions_val2014.json is in '
+                     'http://images.cocodataset.org/annotations/annotations_trainval2014.zip)')
+    if not isinstance(coco, dict) or not isinstance(coco.get('images'), list) \
+            or not isinstance(coco.get('annotations'), list):
+        fail(f"{caption_path} is not a COCO caption file (it needs 'images' and 'annotations' lists): "
+             f"pass e.g. data/annotations/captions_val2014.json")
+    try:
+        files = {int(im['id']): im['file_name'] for im in coco['images']}
+        refs = {}
+        for ann in coco['annotations']:
+            refs.setdefault(int(ann['image_id']), []).append(str(ann['caption']))
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f'{caption_path}: an image or annotation lacks {e} (COCO caption files have images with id and '
+             f'file_name, annotations with image_id and caption)')
+    # an image without captions cannot be scored
+    return {i: f for i, f in files.items() if i in refs}, refs
+
+
+def karpathy_ids(split_file, split):
+    """The cocoids of one split of Karpathy's dataset_coco.json, in file order."""
+    data = read_json(split_file, 'split file', f'download caption_datasets.zip from {KARPATHY_URL} and pass '
+                     f'the dataset_coco.json inside it')
+    try:
+        return [int(im['cocoid']) for im in data['images'] if im['split'] == split]
+    except (KeyError, TypeError, ValueError):
+        fail(f"{split_file} is not Karpathy's dataset_coco.json (images with 'split' and 'cocoid'): "
+             f"use the one in {KARPATHY_URL}")
+
+
+class EvalImages(Dataset):
+    """One item per image: (image (3, crop, crop), image id, error message or '').
+
+    The preprocessing is sample.py's (data_loader.load_image: resize to image_size,
+    centre crop). A picture that fails to load comes back as its error message, so that
+    the main process can say which one in a line (a raise in a worker would come with
+    two tracebacks).
+    """
+
+    def __init__(self, paths, image_ids, image_size, crop_size):
+        self.paths, self.image_ids = paths, image_ids
+        self.image_size, self.crop_size = image_size, crop_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            image = load_image(self.paths[index], self.image_size, self.crop_size).squeeze(0)  # (3, crop, crop)
+            error = ''
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            image = torch.zeros(3, self.crop_size, self.crop_size)
+            error = f'{self.paths[index]} is not a picture Pillow can read ({type(e).__name__})'
+        return image, self.image_ids[index], error
+
+
+# ---------------------------------------------------------------------------
+# Captioning
+
+def ids_to_caption(ids, vocab):
+    """Token ids -> 'a dog runs on the grass .': cut at the first <end>, without <start>/<end>/<pad>."""
+    words = []
+    for i in ids:
+        word = vocab.idx2word[int(i)]
+        if word == '<end>':
+            break
+        if word not in DROPPED:
+            words.append(word)
+    return ' '.join(words)
+
+
+@torch.no_grad()
+def caption_features(decoder, features, vocab, beam_size=1, length_penalty=0.0, max_length=None):
+    """Caption (N, E) image features: N strings without <start>/<end>, ready for metrics.py.
+
+    For train.py's model selection too, e.g. on cached validation features::
+
+        captions = caption_features(decoder, encoder.project(feats), vocab)   # greedy
+        bleu = metrics.bleu4({i: refs[i] for i in ids}, dict(zip(ids, captions)))
+
+    beam_size=1 is greedy decoding, the same tokens as decoder.sample().
+    """
+    ids = decoder.beam_search(features, beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+    return [ids_to_caption(c, vocab) for c in ids]
+
+
+def caption_images(captioner, loader, device, beam_size, length_penalty, max_length):
+    """Caption every image of the loader -> {image_id: caption}, with a progress bar."""
+    results = {}
+    with tqdm(total=len(loader.dataset), desc='captioning', unit='img') as bar:
+        for images, image_ids, errors in loader:
+            bad = [e for e in errors if e]
+            if bad:
+                bar.close()
+                fail(f'{bad[0]}: re-run resize.py on it, or remove it from the caption file')
+            features = captioner.encoder(images.to(device, non_blocking=True))  # (N, E)
+            captions = caption_features(captioner.decoder, features, captioner.vocab, beam_size,
+                                        length_penalty, max_length)
+            results.update(zip(image_ids.tolist(), captions))
+            bar.update(len(captions))
+    return results
+
+
+def write_results(results, path):
+    """[{"image_id": int, "caption": str}, ...] by image id, written atomically (tmp + rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump([{'image_id': i, 'caption': results[i]} for i in sorted(results)], f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def writable(path):
+    """Can `path` be created? (its nearest existing folder is writable)"""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return os.path.isdir(folder) and os.access(folder, os.W_OK)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    print(vars(args))
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+
+    # Everything about the input is checked before the model is built and the long run starts
+    files, refs = load_references(args.caption_path)
+    if args.split_file:
+        wanted = karpathy_ids(args.split_file, args.split)
+        if not wanted:
+            fail(f"{args.split_file} has no '{args.split}' images: is it Karpathy's dataset_coco.json?")
+        image_ids = sorted(set(i for i in wanted if i in files))
+        if not image_ids:
+            fail(f"none of the {len(wanted)} '{args.split}' images of {args.split_file} are in {args.caption_path}: "
+                 f"pass the caption file of the COCO images they come from (--caption_path, --image_dir)")
+        if len(image_ids) < len(set(wanted)):
+            print(f"note: {len(set(wanted)) - len(image_ids)} of the {len(set(wanted))} '{args.split}' images are "
+                  f"not in {args.caption_path}; evaluating the other {len(image_ids)}", file=sys.stderr)
+        label = f"Karpathy's {args.split} split"
+        split_name = args.split
+    else:
+        image_ids = sorted(files)
+        if not image_ids:
+            fail(f'{args.caption_path} has no captioned images')
+        split_name = os.path.splitext(os.path.basename(args.caption_path))[0].replace('captions_', '')
+        label = split_name
+    if args.max_images:
+        image_ids = image_ids[:args.max_images]
+    if not os.path.isdir(args.image_dir):
+        fail(f'image folder {args.image_dir} not found: resize the images first, e.g. '
+             f'python resize.py --image_dir data/val2014 --output_dir {args.image_dir}')
+    paths = [os.path.join(args.image_dir, files[i]) for i in image_ids]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        fail(f'{len(missing)} of the {len(paths)} images are not in {args.image_dir}, e.g. {missing[0]}: '
+             f'resize them first (python resize.py --output_dir {args.image_dir}) or pass --image_dir')
+
+    if args.results_path is None:
+        where = os.path.dirname(args.checkpoint or args.decoder_path or '') or args.model_path
+        args.results_path = os.path.join(where, f'captions_{split_name}_results.json')
+    if not writable(args.results_path):
+        fail(f'cannot write {args.results_path}: pass --results_path in a folder you can write to')
+
+    try:
+        captioner = load_captioner(checkpoint=args.checkpoint, encoder_path=args.encoder_path,
+                                   decoder_path=args.decoder_path, vocab_path=args.vocab_path,
+                                   model_path=args.model_path, encoder_weights=args.encoder_weights, device=device)
+    except (FileNotFoundError, ValueError, EncoderWeightsError) as e:
+        fail(e)
+    print(f'captioning {len(image_ids)} images of {label} ({args.caption_path}) with {captioner.source}, '
+          f'beam size {args.beam_size}')
+
+    dataset = EvalImages(paths, image_ids, captioner.image_size, captioner.crop_size)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == 'cuda')
+    results = caption_images(captioner, loader, device, args.beam_size, args.length_penalty, args.max_length)
+    write_results(results, args.results_path)
+    print(f'wrote {len(results)} captions to {args.results_path}')
+    for i in list(results)[:3]:
+        print(f'  {i}: {results[i]}')
+
+    scores, skipped = score_captions({i: refs[i] for i in results}, results)
+    print(f'\nCOCO caption metrics (pycocoevalcap) on {len(results)} images of {label}, beam size {args.beam_size}; '
+          f'scores on the 0-100 scale of papers (pycocoevalcap\'s 0-1 values x 100):')
+    print(format_scores(scores, skipped))
+    return scores
+
+
+if __name__ == '__main__':
+    main()
