@@ -208,7 +208,9 @@ class DecoderRNN(nn.Module):
         # first step's K best candidates all extend beam 0 (K copies of it would otherwise
         # fill the beam with the same caption).
         inputs = features.repeat_interleave(K, 0).unsqueeze(1)          # (N*K, 1, E)
-        scores = torch.full((N, K), float('-inf'), dtype=features.dtype, device=device)
+        # log p sums in float32 at least, also for half-precision features (autocast)
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        scores = torch.full((N, K), float('-inf'), dtype=dtype, device=device)
         scores[:, 0] = 0
         scores = scores.view(-1)                                        # (N*K,) sum of log p
         lengths = torch.zeros(N * K, dtype=torch.long, device=device)  # (N*K,) tokens generated
@@ -221,7 +223,7 @@ class DecoderRNN(nn.Module):
             hiddens, states = self.lstm(inputs, states)                 # (N*K, 1, H)
             logits = self.linear(hiddens.squeeze(1))                    # (N*K, V)
             V = logits.size(1)
-            logp = logits.log_softmax(1)                                # (N*K, V)
+            logp = logits.log_softmax(1, dtype=dtype)                   # (N*K, V)
             # An ended hypothesis has exactly one continuation, itself, at no cost: column
             # end_id gets log p 0 and every other column -inf (its later tokens are ignored).
             logp = torch.where(ended.unsqueeze(1), self._ended_row(V, end_id, logp), logp)
