@@ -43,14 +43,14 @@ def get_args(argv=None):
                         help='COCO-format caption file: the images to caption and their reference captions')
     parser.add_argument('--split_file', type=str, default=None,
                         help=f"Karpathy's dataset_coco.json (from {KARPATHY_URL}): caption only the images of "
-                             f"--split, matched to --caption_path by cocoid (default: every image of --caption_path)")
+                             f"--split, matched to --caption_path by cocoid; not given: every image of --caption_path")
     parser.add_argument('--split', type=str, default=None, choices=['test', 'val', 'train', 'restval'],
-                        help="which split of --split_file (default: 'test' when --split_file is given)")
+                        help="which split of --split_file; not given: 'test'")
     parser.add_argument('--max_images', type=int, default=0,
                         help='caption only the first this many images, by image id (0: all)')
     # model: a checkpoint of train.py, or the tutorial's three files (as sample.py)
     parser.add_argument('--checkpoint', type=str, default=None,
-                        help='a train.py checkpoint (default: the newest in --model_path)')
+                        help='a train.py checkpoint; not given: the newest in --model_path')
     parser.add_argument('--model_path', type=str, default='models/', help='where train.py wrote its checkpoints')
     parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder-*.pkl")
     parser.add_argument('--decoder_path', type=str, default=None,
@@ -63,14 +63,15 @@ def get_args(argv=None):
     parser.add_argument('--length_penalty', type=float, default=0.0,
                         help='beam search ranks by log p / length**alpha (0: plain log p)')
     parser.add_argument('--max_length', type=int, default=None,
-                        help="longest caption in tokens, <start> and <end> included (default: the model's, 20)")
+                        help="longest caption in tokens, <start> and <end> included; not given: the model's (20)")
     # output and speed
     parser.add_argument('--results_path', type=str, default=None,
-                        help='COCO results JSON to write (default: captions_<split>_results.json beside the model)')
+                        help='COCO results JSON to write; not given: captions_<split>_results.json beside the model')
     parser.add_argument('--batch_size', type=int, default=64, help='images per batch')
     parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', type=int, default=0, help='seeds torch (decoding itself is deterministic)')
+    parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help="'cpu', 'cuda', 'cuda:1', 'mps'")
     args = parser.parse_args(argv)
     for name in ('beam_size', 'batch_size'):
         if getattr(args, name) < 1:
