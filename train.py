@@ -409,6 +409,7 @@ def main(argv=None):
     total_step = len(EpochBatchSampler(sampler, args.batch_size))
     os.makedirs(args.model_path, exist_ok=True)
     latest = os.path.join(args.model_path, 'latest.pt')
+    fingerprint = resnet_fingerprint(encoder)  # once: the ResNet is frozen
 
     def checkpoint(epoch, step):
         """Everything to continue from the batch after `step` of `epoch` (rank 0 writes)."""
@@ -419,7 +420,7 @@ def main(argv=None):
                          'epoch': epoch, 'step': step, 'global_step': global_step, 'best': best,
                          'best_val_loss': best['val_loss'] if best else None,
                          'history': history, 'rng': rng_state(), 'vocab': vocab.words(), 'args': vars(args),
-                         'encoder_weights': spec, 'encoder_fingerprint': resnet_fingerprint(encoder)}, latest)
+                         'encoder_weights': spec, 'encoder_fingerprint': fingerprint}, latest)
 
     # Ctrl-C and SIGTERM (a cluster's preemption) save latest.pt and leave cleanly
     def stop(signum, frame):
@@ -427,7 +428,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
 
     # position: how many batches of the current epoch have been trained on
-    epoch, position = start_epoch, start_step
+    epoch, position, plotted = start_epoch, start_step, 0.0
     try:
         for epoch in range(start_epoch, args.num_epochs):
             sampler.set_epoch(epoch)
@@ -494,7 +495,11 @@ def main(argv=None):
                     shutil.copyfile(latest, best_path + '.tmp')
                     os.replace(best_path + '.tmp', best_path)
                 write_csv(history, os.path.join(args.model_path, 'train_log.csv'))
-                write_plot(history, os.path.join(args.model_path, 'train_log.png'))
+                # the plot each epoch, but at most every 30 s: a toy set's epochs take a second
+                last = epoch == args.num_epochs - 1 or args.dry_run or global_step == args.max_steps
+                if last or time.time() - plotted > 30:
+                    write_plot(history, os.path.join(args.model_path, 'train_log.png'))
+                    plotted = time.time()
             if args.dry_run or global_step == args.max_steps:
                 break
     except KeyboardInterrupt:
@@ -513,12 +518,30 @@ def main(argv=None):
     return model
 
 
+@torch.no_grad()
 def select_score(args, model, val_set, vocab, device, val_loss):
-    """The number best.pt maximises: minus the validation loss, or a caption score."""
+    """The number best.pt maximises: minus the validation loss, or a caption score (0-100)
+    of greedy captions for the first --select_subset validation pictures."""
     if args.select_by == 'loss':
         return -val_loss
-    from metrics import caption_score  # noqa: only runs with --select_by bleu4/cider
-    return caption_score(args.select_by, model, val_set, vocab, device, args.select_subset)
+    import metrics
+    from evaluate import caption_features  # only runs with --select_by bleu4/cider
+    base, indices = (val_set.dataset, val_set.indices) if isinstance(val_set, Subset) else (val_set, range(len(val_set)))
+    item_images, first = base.item_image_ids(), {}
+    for i in indices:  # one item per picture: its first caption's
+        first.setdefault(item_images[i], i)
+    image_ids = sorted(first)[:args.select_subset]
+    coco = base.coco if isinstance(base, CocoDataset) else base.cache.coco
+    references = {i: [a['caption'] for a in coco.imgToAnns[i]] for i in image_ids}
+    model.eval()
+    captions = []
+    for start in range(0, len(image_ids), args.batch_size):
+        inputs = torch.stack([base[first[i]][0] for i in image_ids[start:start + args.batch_size]]).to(device)
+        features = model.encoder.project(inputs) if model.cached else model.encoder(inputs)
+        captions += caption_features(model.decoder, features, vocab)
+    model.train()
+    score = metrics.bleu4 if args.select_by == 'bleu4' else metrics.cider_d
+    return score(references, dict(zip(image_ids, captions)))
 
 
 if __name__ == '__main__':
