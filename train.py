@@ -372,7 +372,7 @@ def main(argv=None):
 
     try:
         train_set, val_set, cached = make_datasets(args, vocab, encoder, spec, device, rank)
-    except FileNotFoundError as e:
+    except (OSError, ValueError) as e:  # missing pictures or captions, no room for the feature cache
         fail(e)
     model = TrainModel(encoder, decoder, cached).train()
     ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world_size > 1 else model

@@ -134,3 +134,14 @@ def test_two_processes_ddp_gloo(tiny_coco, tiny_vocab, tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f'{name} differs between the ranks'
     assert os.path.isfile(tmp_path / 'models' / 'latest.pt')
+
+
+def test_best_checkpoint_by_bleu4(tiny_coco, tiny_vocab, tmp_path):
+    out = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, '--num_epochs', 2, '--batch_size', 4,
+                                      '--learning_rate', 0.01, '--select_by', 'bleu4', '--augment', 'none',
+                                      '--feature_cache_dir', tmp_path / 'features')).stdout
+    scores = [float(s) for s in re.findall(r'bleu4: (\d+\.\d+)', out)]
+    assert len(scores) == 2 and all(0 <= s <= 100 for s in scores)
+    best = load_checkpoint(tmp_path / 'best.pt')['best']
+    assert best['score'] == pytest.approx(max(scores), abs=0.01)
+    assert best['epoch'] == scores.index(max(scores))
