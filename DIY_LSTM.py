@@ -250,114 +250,133 @@ def _check_sizes(cls, input_size, hidden_size, proj_size):
 #                                       t=3: x03
 #
 # so the active batch only shrinks, and h(t-1)[:batch_sizes[t]] is the previous state of
-# exactly the sequences still running. Per layer the work is:
+# exactly the sequences still running. Per layer and direction the work is:
 #   1. one matmul for the input side of every step: (T, H_in) @ W_ih^T -> (T, 4H);
-#   2. per step one matmul for the hidden side and a few in-place elementwise ops,
+#   2. per step one matmul for the hidden side, added in place, and a few elementwise ops
 #      written straight into preallocated (T, .) buffers, with no autograd bookkeeping;
 #   3. a hand-written backward (backpropagation through time) that again does one matmul
-#      per step, and gets dW_hh from one big matmul over all steps at the end
-#      instead of one small one per step, as autograd would.
+#      per step, and gets dW_ih, dW_hh and dx from one big matmul each over all steps,
+#      where autograd would do small ones step by step.
+# Without a given hx, h(-1) = 0 and the first step's hidden-side matmul is skipped.
 # --------------------------------------------------------------------------------------
 
-def _recurrence(xw, h0, c0, w_hh, w_hr, batch_sizes):
-    """Forward of the recurrent part; xw (T, 4H) holds x W_ih^T + b for every row.
+def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):
+    """Forward of one layer in one direction; returns hs (T, H_out) and what the backward needs.
 
-    Here, as in fused_weights, the cell candidate's pre-activation arrives doubled, and
-    g = 2 sigmoid(.) - 1. Returns hs (T, H_out) and the tensors the backward needs.
+    h0 None means zeros. As in fused_weights, the cell candidate's rows of w_ih, b and
+    w_hh are doubled, and g = 2 sigmoid(.) - 1.
     """
-    T, H = xw.size(0), c0.size(1)
-    acts = torch.empty_like(xw)                      # (T, 4H) i, f, s, o with g = 2s - 1
-    cs = xw.new_empty(T, H)                          # (T, H) memory c(t)
-    rs = xw.new_empty(T, H)                          # (T, H) r = sigmoid(-2c), tanh(c) = 1 - 2r
-    hs = xw.new_empty(T, h0.size(1))                 # (T, H_out) outputs h(t)
-    ms = xw.new_empty(T, H) if w_hr is not None else None  # (T, H) o * tanh(c) before the projection
+    T, H = x.size(0), w_hh.size(0) // 4
+    # (T, 4H) the input side of every step; the loop adds the hidden side in place, and
+    # then holds the gates i, f, s, o with g = 2s - 1
+    acts = torch.addmm(b, x, w_ih.t()) if b is not None else torch.mm(x, w_ih.t())
+    cs = x.new_empty(T, H)                           # (T, H) memory c(t)
+    rs = x.new_empty(T, H)                           # (T, H) r = sigmoid(-2c), tanh(c) = 1 - 2r
+    hs = x.new_empty(T, w_hh.size(1))                # (T, H_out) outputs h(t)
+    ms = x.new_empty(T, H) if w_hr is not None else None  # (T, H) o * tanh(c) before the projection
     h, c = h0, c0
     w_hh_t = w_hh.t()                                # (H_out, 4H), a view: addmm reads it transposed
     nones = [None] * len(batch_sizes)
-    steps = zip(xw.split(batch_sizes), acts.split(batch_sizes), cs.split(batch_sizes), rs.split(batch_sizes),
-                hs.split(batch_sizes), ms.split(batch_sizes) if ms is not None else nones)
+    steps = zip(acts.split(batch_sizes), cs.split(batch_sizes), rs.split(batch_sizes), hs.split(batch_sizes),
+                ms.split(batch_sizes) if ms is not None else nones)
     # XXX: torch.tanh is avoided on purpose. On CPU it runs through MKL's VML, which here is
     # 5x slower than torch.sigmoid and, at 2 threads on a busy machine, can wait a whole
     # scheduler tick (~20 ms) for a 512-element tensor. tanh(x) = 2 sigmoid(2x) - 1 = 1 - 2 sigmoid(-2x).
-    for xw_t, a, c_t, r_t, h_t, m_t in steps:
+    for a, c_t, r_t, h_t, m_t in steps:
         bs = a.size(0)                               # sequences still running (a prefix of the batch)
-        torch.addmm(xw_t, h[:bs], w_hh_t, out=a)     # (bs, 4H) pre-activations, g's doubled
+        if h is not None:
+            a.addmm_(h[:bs], w_hh_t)                 # (bs, 4H) pre-activations, g's doubled
         i, f, s, o = a.sigmoid_().chunk(4, 1)        # all four gates in one call; each (bs, H)
-        c = torch.mul(f, c[:bs], out=c_t).addcmul_(i, s, value=2).sub_(i)  # c' = f*c + i*(2s-1) = f*c + i*g
+        if c is not None:
+            c = torch.mul(f, c[:bs], out=c_t).addcmul_(i, s, value=2).sub_(i)  # c' = f*c + i*(2s-1) = f*c + i*g
+        else:
+            c = torch.mul(i, s, out=c_t).mul_(2).sub_(i)                        # c' = i*g when c = 0
         r = torch.mul(c, -2, out=r_t).sigmoid_()     # tanh(c') = 1 - 2r
         if w_hr is None:
-            h = torch.addcmul(o, o, r, value=-2, out=h_t)                  # h' = o*tanh(c') = o - 2*o*r
+            h = torch.addcmul(o, o, r, value=-2, out=h_t)                      # h' = o*tanh(c') = o - 2*o*r
         else:
             h = torch.mm(torch.addcmul(o, o, r, value=-2, out=m_t), w_hr.t(), out=h_t)  # h' = W_hr (o*tanh(c'))
     return hs, (acts, cs, rs, ms)
 
 
-class _LSTMRecurrence(torch.autograd.Function):
-    """Autograd wrapper of _recurrence, with backpropagation through time written out.
+class _LSTMLayer(torch.autograd.Function):
+    """One layer in one direction, with backpropagation through time written out.
 
-    Inputs xw (T, 4H), h0 (N, H_out), c0 (N, H), w_hh (4H, H_out), w_hr (H_out, H) or None,
-    batch_sizes, last (N,) the row of each sequence's last step. Outputs hs (T, H_out),
-    h_n = hs[last], c_n = cs[last].
+    Inputs: x (T, H_in), w_ih (4H, H_in), b (4H,) or None, h0 (N, H_out) or None (zeros),
+    c0 (N, H) or None, w_hh (4H, H_out), w_hr (H_out, H) or None, batch_sizes (list),
+    last: the rows of each sequence's last step (_last_rows).
+    Outputs: hs (T, H_out), h_n = hs[last], c_n = cs[last].
     """
 
     @staticmethod
-    def forward(ctx, xw, h0, c0, w_hh, w_hr, batch_sizes, last):
-        hs, (acts, cs, rs, ms) = _recurrence(xw, h0, c0, w_hh, w_hr, batch_sizes)
-        ctx.batch_sizes = batch_sizes
-        ctx.save_for_backward(h0, c0, w_hh, w_hr, last, hs, acts, cs, rs, ms)
-        return hs, hs.index_select(0, last), cs.index_select(0, last)
+    def forward(ctx, x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last):
+        hs, (acts, cs, rs, ms) = _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes)
+        ctx.batch_sizes, ctx.last = batch_sizes, last
+        ctx.save_for_backward(x, w_ih, h0, c0, w_hh, w_hr, hs, acts, cs, rs, ms)
+        return (hs,) + _final_states(hs, cs, last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_hs, d_hn, d_cn):
-        h0, c0, w_hh, w_hr, last, hs, acts, cs, rs, ms = ctx.saved_tensors
-        batch_sizes, H = ctx.batch_sizes, cs.size(1)
-        i, f, s, o = acts.chunk(4, 1)                                   # each (T, H)
-        # Everything that does not depend on the recurrence, for all steps at once. With
-        # c' = f*c + i*g, h' = o*tanh(c'), sigmoid' = s(1-s), g = 2 sigmoid(a) - 1 for
-        # g's (doubled) pre-activation a, and tanh(c') = 1 - 2r:
+        x, w_ih, h0, c0, w_hh, w_hr, hs, acts, cs, rs, ms = ctx.saved_tensors
+        batch_sizes, last, H, N = ctx.batch_sizes, ctx.last, cs.size(1), ctx.batch_sizes[0]
+        # What does not depend on the recurrence is done for all steps at once, in place in
+        # d_acts, which the loop then turns into the gradient of the pre-activations. With
+        # c' = f*c + i*g, h' = o*tanh(c'), sigmoid' = s(1-s), g = 2 sigmoid(a) - 1 for g's
+        # (doubled) pre-activation a, and tanh(c') = 1 - 2r:
         #   dc' = dh' * o*(1 - tanh(c')^2) + (dc' sent back from step t+1, or from c_n)
         #   da_i = dc' * g*i(1-i)      da_f = dc' * c*f(1-f)
         #   da_g = dc' * i*2s(1-s)     da_o = dh' * tanh(c')*o(1-o)
-        # where c is the previous memory (c0 at the first step).
-        c_prev = torch.cat([c0] + _previous_rows(cs, batch_sizes))      # (T, H)
-        tanh_c = 1 - 2 * rs                                             # (T, H)
-        factors = torch.empty_like(acts).view(-1, 4, H)                 # (T, 4, H)
-        torch.mul(2 * s - 1, i * (1 - i), out=factors[:, 0])
-        torch.mul(c_prev, f * (1 - f), out=factors[:, 1])
-        torch.mul(i, 2 * s * (1 - s), out=factors[:, 2])
-        torch.mul(tanh_c, o * (1 - o), out=factors[:, 3])
-        dc_dm = o * (1 - tanh_c * tanh_c)                               # (T, H) dc'/dm, m = o*tanh(c')
+        # where c is the previous memory (zero, or c0, at the first step).
+        i, f, s, o = acts.chunk(4, 1)                                   # each (T, H)
+        d_acts = torch.addcmul(acts, acts, acts, value=-1)              # (T, 4H) each gate's sigmoid' = s - s*s
+        di, df, ds, do = d_acts.chunk(4, 1)
+        torch.addcmul(di, di, s, value=-2, out=di).neg_()               # i(1-i) * g
+        ds.mul_(i).mul_(2)                                              # s(1-s) * 2i
+        torch.addcmul(do, do, rs, value=-2, out=do)                     # o(1-o) * tanh(c')
+        dc_dm = torch.addcmul(rs, rs, rs, value=-1).mul_(o)             # (T, H) o*(1 - tanh(c')^2) / 4 = o*r(1-r)
         # dh' of every row: the output's gradient, h_n's for last steps; later steps add theirs
-        d_h = d_hs.clone(memory_format=torch.contiguous_format).index_add_(0, last, d_hn)  # (T, H_out)
+        d_h = d_hs.clone(memory_format=torch.contiguous_format)         # (T, H_out)
+        if isinstance(last, slice):
+            d_h[last] += d_hn
+        else:
+            d_h.index_add_(0, last, d_hn)
         dc_carry = d_cn.clone(memory_format=torch.contiguous_format)    # (N, H) dc' from later steps / c_n
-        d_acts = torch.empty_like(acts)                                 # (T, 4H) = d(xw)
         d_ms = torch.empty_like(ms) if ms is not None else None         # (T, H) dm, with a projection
         nones = [None] * len(batch_sizes)
-        rows = list(zip(d_h.split(batch_sizes), d_acts.split(batch_sizes), factors.split(batch_sizes),
-                        dc_dm.split(batch_sizes), f.split(batch_sizes),
-                        d_ms.split(batch_sizes) if ms is not None else nones))
-        d_h0 = None
+        c_prev = [c0] + _previous_rows(cs, batch_sizes)                 # each step's previous memory
+        rows = list(zip(d_h.split(batch_sizes), d_acts.split(batch_sizes), dc_dm.split(batch_sizes),
+                        f.split(batch_sizes), c_prev, d_ms.split(batch_sizes) if ms is not None else nones))
         for t in range(len(rows) - 1, -1, -1):
-            dh, da, fac, dcdm, f_t, dm_t = rows[t]
+            dh, da, dcdm, f_t, c_t, dm_t = rows[t]
             bs = dh.size(0)
             dm = dh if w_hr is None else torch.mm(dh, w_hr, out=dm_t)   # (bs, H)
-            dc = torch.addcmul(dc_carry[:bs], dm, dcdm)                 # (bs, H)
+            dc = torch.addcmul(dc_carry[:bs], dm, dcdm, value=4)        # (bs, H)
             da4 = da.view(bs, 4, H)
-            torch.mul(dc.unsqueeze(1), fac[:, :3], out=da4[:, :3])      # da_i, da_f, da_g
-            torch.mul(dm, fac[:, 3], out=da4[:, 3])                     # da_o
+            da4[:, :3].mul_(dc.unsqueeze(1))                            # da_i, da_g; da_f needs c too:
+            da4[:, 1].mul_(c_t) if c_t is not None else da4[:, 1].zero_()
+            da4[:, 3].mul_(dm)                                          # da_o
             torch.mul(dc, f_t, out=dc_carry[:bs])                       # dc for step t-1
             if t > 0:
                 rows[t - 1][0][:bs].addmm_(da, w_hh)                    # dh for step t-1 += da W_hh
-            else:
-                d_h0 = torch.mm(da, w_hh)                               # (N, H_out)
+        needs = ctx.needs_input_grad
+        d_x = d_acts.mm(w_ih) if needs[0] else None                     # (T, H_in)
+        d_w_ih = d_acts.t().mm(x) if needs[1] else None                 # (4H, H_in)
+        d_b = d_acts.sum(0) if needs[2] else None                       # (4H,)
+        d_h0 = d_acts[:N].mm(w_hh) if needs[3] else None                # (N, H_out)
+        d_c0 = dc_carry if needs[4] else None                           # (N, H)
         d_w_hh = d_w_hr = None
-        if ctx.needs_input_grad[3]:
-            h_prev = torch.cat([h0] + _previous_rows(hs, batch_sizes))  # (T, H_out)
-            d_w_hh = d_acts.t().mm(h_prev)                              # (4H, H_out) one matmul for all steps
-        if w_hr is not None and ctx.needs_input_grad[4]:
+        if needs[5]:
+            # row by row, the h(t-1) each step read: h0 (skipped when zero), then the rows of
+            # the previous step that continue; without padding that is just hs shifted by N
+            if batch_sizes[-1] == N:
+                h_prev = hs[:-N] if h0 is None else torch.cat([h0, hs[:-N]])
+            else:
+                h_prev = torch.cat(([h0] if h0 is not None else []) + _previous_rows(hs, batch_sizes))
+            d_w_hh = d_acts[N if h0 is None else 0:].t().mm(h_prev)     # (4H, H_out)
+        if w_hr is not None and needs[6]:
             d_w_hr = d_h.t().mm(ms)                                     # (H_out, H)
-        return d_acts, d_h0, dc_carry, d_w_hh, d_w_hr, None, None
+        return d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr, None, None
 
 
 def _previous_rows(x, batch_sizes):
@@ -367,22 +386,25 @@ def _previous_rows(x, batch_sizes):
 
 
 def _last_rows(batch_sizes, device):
-    """LongTensor (N,): the row of each sequence's last step in packed data."""
+    """Which rows of packed data hold each sequence's last step: LongTensor (N,), or,
+    when all sequences are equally long, the slice of the last N rows (cheaper)."""
+    if batch_sizes[-1] == batch_sizes[0]:
+        return slice(len(batch_sizes) * batch_sizes[0] - batch_sizes[0], None)
     bs = torch.tensor(batch_sizes)                                      # (L,)
     starts = torch.cumsum(bs, 0) - bs                                   # (L,) first row of each step
     lengths = (bs.unsqueeze(0) > torch.arange(batch_sizes[0]).unsqueeze(1)).sum(1)  # (N,)
     return (starts[lengths - 1] + torch.arange(batch_sizes[0])).to(device)
 
 
-def lstm_layer(cell, x, batch_sizes, h0, c0, last=None):
+def lstm_layer(cell, x, batch_sizes, h0=None, c0=None, last=None):
     """Run one cell over a whole batch of sequences, forward in time.
 
     Args:
         cell: the my_LSTMCell whose weights to use
         x: (T, H_in), packed time-major rows (see the diagram above)
         batch_sizes: list of ints, non-increasing, summing to T
-        h0: (N, H_out), c0: (N, H), with N = batch_sizes[0]
-        last: LongTensor (N,), each sequence's last row (computed when not given)
+        h0: (N, H_out), c0: (N, H), with N = batch_sizes[0]; None means zeros
+        last: each sequence's last row, from _last_rows (computed when not given)
 
     Returns: out (T, H_out), h_n (N, H_out), c_n (N, H), where each sequence's h_n and c_n
     are its states after its own last step.
@@ -390,11 +412,18 @@ def lstm_layer(cell, x, batch_sizes, h0, c0, last=None):
     if last is None:
         last = _last_rows(batch_sizes, x.device)
     w_ih, w_hh, b, w_hr = cell.fused_weights()
-    xw = F.linear(x, w_ih, b)                        # (T, 4H) the input side of every step at once
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xw, h0, c0, w_hh, w_hr)):
-        return _LSTMRecurrence.apply(xw, h0, c0, w_hh, w_hr, batch_sizes, last)
-    hs, (_, cs, _, _) = _recurrence(xw, h0, c0, w_hh, w_hr, batch_sizes)  # inference: nothing to save
-    return hs, hs.index_select(0, last), cs.index_select(0, last)
+    args = (x, w_ih, b, h0, c0, w_hh, w_hr)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return _LSTMLayer.apply(*args, batch_sizes, last)
+    hs, (_, cs, _, _) = _recurrence(*args, batch_sizes)                 # inference: nothing to save
+    return (hs,) + _final_states(hs, cs, last)
+
+
+def _final_states(hs, cs, last):
+    """(h_n, c_n), each (N, .): the rows of each sequence's last step (see _last_rows)."""
+    if isinstance(last, slice):
+        return hs[last].clone(), cs[last].clone()
+    return hs.index_select(0, last), cs.index_select(0, last)
 
 
 def _reversed_rows(batch_sizes, device):
@@ -532,10 +561,10 @@ class my_LSTM(nn.Module):
         if x.size(-1) != self.input_size:
             raise RuntimeError(f"my_LSTM: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {x.size(-1)}")
-        # 2. initial states (D * num_layers, N, .), in the packed (sorted) batch order
+        # 2. initial states (D * num_layers, N, .), in the packed (sorted) batch order;
+        # None stands for zeros (the layers skip work on them)
         if hx is None:
-            h0 = x.new_zeros(self.num_layers * D, N, h_out)
-            c0 = x.new_zeros(self.num_layers * D, N, self.hidden_size)
+            h0 = c0 = [None] * (self.num_layers * D)
         else:
             h0, c0 = hx
             want = 3 if batched else 2
