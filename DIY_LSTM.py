@@ -125,12 +125,19 @@ class my_LSTMCell(nn.Module):
             raise ValueError(f"my_LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)                        # (N, H_in)
+        if x.size(1) != self.input_size:
+            raise RuntimeError(f"my_LSTMCell: input has inconsistent input_size: got {x.size(1)}, "
+                               f"expected {self.input_size}")
+        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
         if hx is None:
-            h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
             h = x.new_zeros(x.size(0), h_out)                               # (N, H_out)
             c = x.new_zeros(x.size(0), self.hidden_size)                    # (N, H)
         else:
             h, c = hx if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+            for k, (state, size) in enumerate(((h, h_out), (c, self.hidden_size))):
+                if tuple(state.shape) != (x.size(0), size):
+                    raise RuntimeError(f"my_LSTMCell: Expected hx[{k}] of shape {tuple(input.shape[:-1]) + (size,)}, "
+                                       f"got {list(hx[k].shape)}")
         # One line per gate. Handout: g, f, a, q; nn.LSTM: i, f, g, o.
         i = torch.sigmoid(self.fc_ii(x) + self.fc_hi(h))   # input gate     g(t) = sigmoid(U^g x + W^g h)
         f = torch.sigmoid(self.fc_if(x) + self.fc_hf(h))   # forget gate    f(t) = sigmoid(U^f x + W^f h)
@@ -561,6 +568,9 @@ class my_LSTM(nn.Module):
         if x.size(-1) != self.input_size:
             raise RuntimeError(f"my_LSTM: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {x.size(-1)}")
+        weight = self.cells['l0'].fc_ii.weight
+        if x.dtype != weight.dtype:
+            raise RuntimeError(f"my_LSTM: input must have the type {weight.dtype}, got type {x.dtype}")
         # 2. initial states (D * num_layers, N, .), in the packed (sorted) batch order;
         # None stands for zeros (the layers skip work on them)
         if hx is None:

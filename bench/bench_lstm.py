@@ -160,8 +160,10 @@ def main(argv=None):
             rows.append((name, f'{ref_ms:.2f}', f'{my_ms:.2f}', f'{my_ms / ref_ms:.2f}x',
                          '-' if target is None else f'<= {target}x', ok))
     cpu = torch.backends.cpu.get_cpu_capability()
+    # the load average says whether other work shared the cores while this ran
     print(f'torch {torch.__version__}, {args.threads} threads ({os.cpu_count()} cores, {cpu}), '
-          f'median of {args.rounds} rounds' + (f', {torch.cuda.get_device_name()}' if len(devices) > 1 else ''))
+          f'median of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}'
+          + (f', {torch.cuda.get_device_name()}' if len(devices) > 1 else ''))
     header = ('case', 'nn.LSTM ms', 'my_LSTM ms', 'ratio', 'target', 'ok')
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: '| ' + ' | '.join(v.ljust(w) for v, w in zip(r, widths)) + ' |'

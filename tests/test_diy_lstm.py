@@ -289,6 +289,21 @@ def test_bad_inputs(cls):
         m(x[:, 0], (torch.zeros(2, 1, H), torch.zeros(2, 1, H)))
 
 
+def test_bad_cell_inputs():
+    cell = my_LSTMCell(H_IN, H)
+    with pytest.raises(ValueError, match='Expected input to be 1D or 2D, got 3D instead'):
+        cell(torch.randn(1, 2, H_IN))
+    with pytest.raises(RuntimeError, match='inconsistent input_size: got 4, expected 5'):
+        cell(torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match=r'Expected hx\[1\] of shape \(2, 7\), got \[2, 6\]'):
+        cell(torch.randn(2, H_IN), (torch.zeros(2, H), torch.zeros(2, 6)))
+
+
+def test_wrong_dtype_named():
+    with pytest.raises(RuntimeError, match='input must have the type torch.float32, got type torch.float64'):
+        my_LSTM(H_IN, H)(torch.randn(3, 2, H_IN, dtype=torch.float64))
+
+
 def test_packed_hx_shape_checked():
     m = my_LSTM(H_IN, H)
     packed = pack_sequence([torch.randn(3, H_IN), torch.randn(2, H_IN)])
