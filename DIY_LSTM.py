@@ -502,6 +502,10 @@ class my_LSTM(nn.Module):
     .. note:: When no gradient is needed (``torch.no_grad()``), each layer keeps its last
         concatenation of the per-gate weights (see my_LSTMCell.fused_weights).
 
+    .. note:: The backward is written out by hand (once differentiable): gradients of
+        gradients (``create_graph=True``) through my_LSTM raise an error; the per-gate
+        my_LSTMCell supports them.
+
     Examples::
 
         >>> rnn = my_LSTM(10, 20, 2)
