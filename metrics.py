@@ -37,6 +37,7 @@ Things worth knowing when comparing numbers:
       matching 4-gram is tiny (0.01 or less on this scale) but not exactly 0.
     * bleu4() and cider_d() are the quick single numbers for model selection.
 """
+import contextlib
 import functools
 import os
 import re
@@ -389,7 +390,8 @@ def _run_meteor(refs, cands):
         # release it on errors, so free the lock here or garbage collection would hang forever.
         if meteor.lock.locked():
             meteor.lock.release()
-        proc.stdin.close()
+        with contextlib.suppress(OSError):  # closing flushes stdin: a dead JVM gives BrokenPipeError
+            proc.stdin.close()
         proc.kill()
         proc.wait()
         proc.stdout.close()
