@@ -379,7 +379,9 @@ def main(argv=None):
 
     # Only the decoder and the encoder's linear and bn learn (the tutorial's choice)
     params = list(decoder.parameters()) + list(encoder.linear.parameters()) + list(encoder.bn.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
+    # fused: one kernel for the whole update (6.7 ms instead of 39.6 ms for 9.3M parameters on a
+    # 2-core CPU, measured by bench/bench_train.py's author); the same Adam, fewer passes over memory
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=device.type in ('cpu', 'cuda'))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     criterion = nn.CrossEntropyLoss()
 
