@@ -173,7 +173,7 @@ class my_LSTMCell(nn.Module):
             for p, w in zip(ts, weights[name].chunk(len(ts))):
                 p.copy_(w)
 
-    def fused_weights(self):
+    def fused_weights(self, joint=False):
         """(W_ih (4*H, H_in), W_hh (4*H, H_out), b (4*H,) or None, W_hr (H_out, H) or None) for lstm_layer.
 
         nn.LSTM's layout, concatenated at call time so that gradients flow back into the
@@ -188,17 +188,26 @@ class my_LSTMCell(nn.Module):
         at batch 1, copying the 4*H*(H_in+H_out) weights costs about as much as the step.
         XXX: writes through ``p.data`` bypass the version counter; call ``clear_cache()``
         after them (https://pytorch.org/docs/stable/notes/autograd.html#in-place-correctness-checks).
+
+        With joint=True (only where no graph is needed) it returns (that tuple, [W_ih | W_hh]
+        of shape (4*H, H_in + H_out)): one matmul on [x | h] is ~20% faster than two at batch 1.
         """
-        params = list(self.parameters())
+        # the parameters straight from the gate layers: self.parameters() costs more than
+        # a whole batch-1 step's element-wise work
+        params = [p for m in self._modules.values() if m is not None for p in m._parameters.values() if p is not None]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self._fuse()
-        key = [(p, p._version, p.data_ptr()) for p in params]
+        # ids are safe to compare: the cache holds the parameters, so no id gets reused
+        key = tuple(k for p in params for k in (id(p), p._version, p.data_ptr()))
         cache = self._fused_cache
-        if cache is None or len(cache[0]) != len(key) or not all(
-                p is q and v == w and d == e for (p, v, d), (q, w, e) in zip(key, cache[0])):
+        if cache is None or cache[0] != key:
             with torch.no_grad():
-                self._fused_cache = cache = (key, self._fuse())
-        return cache[1]
+                self._fused_cache = cache = [key, params, self._fuse(), None]
+        if not joint:
+            return cache[2]
+        if cache[3] is None:
+            cache[3] = torch.cat(cache[2][:2], 1)
+        return cache[2], cache[3]
 
     def _fuse(self):
         def stack(name):  # like lstm_weights()[name], with gate g (the third) doubled
@@ -267,15 +276,17 @@ def _check_sizes(cls, input_size, hidden_size, proj_size):
 # Without a given hx, h(-1) = 0 and the first step's hidden-side matmul is skipped.
 # --------------------------------------------------------------------------------------
 
-def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):
+def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, w_joint=None):
     """Forward of one layer in one direction; returns hs (T, H_out) and what the backward needs.
 
     h0 None means zeros. As in fused_weights, the cell candidate's rows of w_ih, b and
-    w_hh are doubled, and g = 2 sigmoid(.) - 1.
+    w_hh are doubled, and g = 2 sigmoid(.) - 1. w_joint = [w_ih | w_hh], for one step.
     """
     T, H = x.size(0), w_hh.size(0) // 4
     # (T, 4H) the input side of every step; the loop adds the hidden side in place, and
     # then holds the gates i, f, s, o with g = 2s - 1
+    if w_joint is not None:                          # one step: both sides in one matmul
+        x, w_ih, h0 = torch.cat([x, h0], 1), w_joint, None
     acts = torch.addmm(b, x, w_ih.t()) if b is not None else torch.mm(x, w_ih.t())
     cs = x.new_empty(T, H)                           # (T, H) memory c(t)
     rs = x.new_empty(T, H)                           # (T, H) r = sigmoid(-2c), tanh(c) = 1 - 2r
@@ -283,9 +294,11 @@ def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):
     ms = x.new_empty(T, H) if w_hr is not None else None  # (T, H) o * tanh(c) before the projection
     h, c = h0, c0
     w_hh_t = w_hh.t()                                # (H_out, 4H), a view: addmm reads it transposed
-    nones = [None] * len(batch_sizes)
-    steps = zip(acts.split(batch_sizes), cs.split(batch_sizes), rs.split(batch_sizes), hs.split(batch_sizes),
-                ms.split(batch_sizes) if ms is not None else nones)
+    if len(batch_sizes) == 1:                        # a single step (greedy decoding): no need to split
+        steps = [(acts, cs, rs, hs, ms)]
+    else:
+        steps = zip(acts.split(batch_sizes), cs.split(batch_sizes), rs.split(batch_sizes), hs.split(batch_sizes),
+                    ms.split(batch_sizes) if ms is not None else [None] * len(batch_sizes))
     # XXX: torch.tanh is avoided on purpose. On CPU it runs through MKL's VML, which here is
     # 5x slower than torch.sigmoid and, at 2 threads on a busy machine, can wait a whole
     # scheduler tick (~20 ms) for a 512-element tensor. tanh(x) = 2 sigmoid(2x) - 1 = 1 - 2 sigmoid(-2x).
@@ -419,10 +432,17 @@ def lstm_layer(cell, x, batch_sizes, h0=None, c0=None, last=None):
     if last is None:
         last = _last_rows(batch_sizes, x.device)
     w_ih, w_hh, b, w_hr = cell.fused_weights()
+    if x.dtype != w_ih.dtype:
+        raise RuntimeError(f"my_LSTM: input must have the type {w_ih.dtype}, got type {x.dtype}")
     args = (x, w_ih, b, h0, c0, w_hh, w_hr)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return _LSTMLayer.apply(*args, batch_sizes, last)
-    hs, (_, cs, _, _) = _recurrence(*args, batch_sizes)                 # inference: nothing to save
+    # inference: nothing to save, and a single step from a given state (greedy decoding)
+    # takes both matmuls as one
+    w_joint = cell.fused_weights(joint=True)[1] if len(batch_sizes) == 1 and h0 is not None else None
+    hs, (_, cs, _, _) = _recurrence(*args, batch_sizes, w_joint)
+    if isinstance(last, slice):
+        return hs, hs[last], cs[last]                                   # views will do: no autograd here
     return (hs,) + _final_states(hs, cs, last)
 
 
@@ -572,9 +592,6 @@ class my_LSTM(nn.Module):
         if x.size(-1) != self.input_size:
             raise RuntimeError(f"my_LSTM: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {x.size(-1)}")
-        weight = self.cells['l0'].fc_ii.weight
-        if x.dtype != weight.dtype:
-            raise RuntimeError(f"my_LSTM: input must have the type {weight.dtype}, got type {x.dtype}")
         # 2. initial states (D * num_layers, N, .), in the packed (sorted) batch order;
         # None stands for zeros (the layers skip work on them)
         if hx is None:
@@ -596,20 +613,24 @@ class my_LSTM(nn.Module):
         # 3. the stack: layer by layer, each direction with its own cell
         last = _last_rows(batch_sizes, x.device)                              # (N,) each sequence's last row
         reverse = _reversed_rows(batch_sizes, x.device) if D == 2 else None
+        cells = list(self.cells.values())                                     # l0, l0_reverse, l1, ...
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
-            for d, suffix in enumerate(('', '_reverse')[:D]):
+            for d in range(D):
                 k = layer * D + d
                 x_d = x if d == 0 else x.index_select(0, reverse)            # every sequence reversed in time
-                out, h, c = lstm_layer(self.cells[f'l{layer}{suffix}'], x_d, batch_sizes, h0[k], c0[k], last)
+                out, h, c = lstm_layer(cells[k], x_d, batch_sizes, h0[k], c0[k], last)
                 outputs.append(out if d == 0 else out.index_select(0, reverse))
                 h_n.append(h)
                 c_n.append(c)
             x = torch.cat(outputs, 1) if D == 2 else outputs[0]              # (T, D * H_out)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)                        # (D * num_layers, N, .)
+        if len(h_n) == 1:                                                    # (D * num_layers, N, .)
+            h_n, c_n = h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
+        else:
+            h_n, c_n = torch.stack(h_n), torch.stack(c_n)
         # 4. back to the caller's layout
         if packed:
             if unsorted_indices is not None:
