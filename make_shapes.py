@@ -65,7 +65,8 @@ RADIUS = {'small': (0.06, 0.075), 'large': (0.11, 0.13)}
 # squares and triangles reach 1.25 r from their centre: used for spacing and margins
 EXTENT = 1.25
 # objects stay this far (fraction of the side) inside the border, so the centre crop
-# (e.g. 112 of 128 cuts 6.25% per side) and the random training crops keep them whole
+# (84 of 96 cuts 6.25% per side) keeps them whole; a random 84-crop may shave up to 4.5%
+# of the side off an object at the border (more margin leaves no room for 3 large ones)
 MARGIN = 0.08
 # the group's centre must be this far from the picture's centre along its side (and
 # closer than this to it for 'middle'), so that every position word is unambiguous
