@@ -432,14 +432,29 @@ def lstm_layer(cell, x, batch_sizes, h0=None, c0=None, last=None):
     if last is None:
         last = _last_rows(batch_sizes, x.device)
     w_ih, w_hh, b, w_hr = cell.fused_weights()
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
+        # autocast does not reach inside _LSTMLayer: run the whole layer, states included, in
+        # the autocast dtype, as autocast runs cuDNN's LSTM (the casts are differentiable, so the
+        # float32 gate weights still get their gradients)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w_ih, b, h0, c0, w_hh, w_hr = (t if t is None else t.to(dtype) for t in (x, w_ih, b, h0, c0, w_hh, w_hr))
+        with torch.autocast(x.device.type, enabled=False):
+            return _run_layer(cell, x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, joint=False)
     if x.dtype != w_ih.dtype:
         raise RuntimeError(f"my_LSTM: input must have the type {w_ih.dtype}, got type {x.dtype}")
+    return _run_layer(cell, x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, joint=True)
+
+
+def _run_layer(cell, x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, joint):
+    """lstm_layer's work on weights already fused (and cast): autograd Function or plain loop."""
     args = (x, w_ih, b, h0, c0, w_hh, w_hr)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return _LSTMLayer.apply(*args, batch_sizes, last)
     # inference: nothing to save, and a single step from a given state (greedy decoding)
     # takes both matmuls as one
-    w_joint = cell.fused_weights(joint=True)[1] if len(batch_sizes) == 1 and h0 is not None else None
+    single = joint and len(batch_sizes) == 1 and h0 is not None
+    w_joint = cell.fused_weights(joint=True)[1] if single else None
     hs, (_, cs, _, _) = _recurrence(*args, batch_sizes, w_joint)
     if isinstance(last, slice):
         return hs, hs[last], cs[last]                                   # views will do: no autograd here

@@ -442,3 +442,19 @@ def test_pad_packed_roundtrip_lengths():
         torch.testing.assert_close(unpacked[b, :n], alone[0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(h[0, b], h_alone[0, 0], atol=1e-6, rtol=1e-5)
         assert (unpacked[b, n:] == 0).all()
+
+
+def test_autocast_bf16_runs_in_bf16_and_trains_float32_weights():
+    """Under autocast (train.py --amp bf16) the layer runs in bf16, as autocast runs cuDNN's LSTM."""
+    torch.manual_seed(0)
+    m = my_LSTM(8, 16, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [5, 4, 2], batch_first=True)
+    ref, (h_ref, _) = m(packed)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, (h, c) = m(packed)
+    assert out.data.dtype == h.dtype == c.dtype == torch.bfloat16
+    torch.testing.assert_close(out.data.float(), ref.data, atol=2e-2, rtol=2e-2)
+    out.data.float().sum().backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

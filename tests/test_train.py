@@ -145,3 +145,11 @@ def test_best_checkpoint_by_bleu4(tiny_coco, tiny_vocab, tmp_path):
     best = load_checkpoint(tmp_path / 'best.pt')['best']
     assert best['score'] == pytest.approx(max(scores), abs=0.01)
     assert best['epoch'] == scores.index(max(scores))
+
+
+def test_amp_bf16_step(tiny_coco, tiny_vocab, tmp_path):
+    out = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, '--dry_run', '--amp', 'bf16',
+                                      '--batch_size', 4, '--log_step', 1)).stdout
+    loss = float(LAB_LINE.findall(out)[0][4])
+    assert 0 < loss < 20
+    assert load_checkpoint(tmp_path / 'latest.pt')['global_step'] == 1
