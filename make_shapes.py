@@ -36,7 +36,6 @@ import json
 import os
 import random
 import re
-import sys
 import time
 
 import numpy as np
@@ -59,8 +58,8 @@ POSITIONS = ('left', 'right', 'top', 'bottom', 'middle')
 # the attributes a scene has (and that --probe tries to read back from the features)
 ATTRIBUTES = ('background', 'colour', 'shape', 'count', 'size', 'position')
 
-# object radius as a fraction of the picture side (the radius of a circle with the same
-# bounding box); large is about twice small, so size survives a resize to any scale
+# object radius r as a fraction of the picture side (squares have the circle's area,
+# triangles reach 1.25 r); large is about twice small, so size survives any resize
 RADIUS = {'small': (0.06, 0.075), 'large': (0.11, 0.13)}
 # squares and triangles reach 1.25 r from their centre: used for spacing and margins
 EXTENT = 1.25
@@ -79,7 +78,7 @@ MIDDLE = 0.07
 NOISE = 6
 SUPERSAMPLE = 4  # shapes are drawn 4x larger, then shrunk: smooth (antialiased) edges
 
-# caption words: a few synonyms, so captions vary, but a small vocabulary (~45 words)
+# caption words: a few synonyms, so captions vary, but a small vocabulary (40 words)
 COUNT_WORDS = {1: ('a', 'one'), 2: ('two',), 3: ('three',)}
 SIZE_WORDS = {'small': ('small', 'little'), 'large': ('large', 'big')}
 POSITION_WORDS = {'left': ('on the left',), 'right': ('on the right',), 'top': ('at the top',),
@@ -367,7 +366,8 @@ def main(argv=None):
     parser.add_argument('--num_train', type=int, default=1500, help='pictures in the train split')
     parser.add_argument('--num_val', type=int, default=150, help='pictures in the val split')
     parser.add_argument('--image_size', type=int, default=96, help='side of the square pictures, in pixels')
-    parser.add_argument('--captions_per_image', type=int, default=5, help='differently worded captions per picture (1-6)')
+    parser.add_argument('--captions_per_image', type=int, default=5,
+                        help='differently worded captions per picture (1-6)')
     parser.add_argument('--seed', type=int, default=0, help='everything drawn follows from it')
     # probe
     parser.add_argument('--probe', action='store_true',
