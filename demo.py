@@ -26,8 +26,8 @@ import make_shapes
 import metrics
 import resize
 import train
-from checkpoint import EncoderWeightsError, ensure_imagenet_weights, load_captioner
-from data_loader import load_image
+from checkpoint import EncoderWeightsError, encoder_id, encoder_spec, ensure_imagenet_weights, load_captioner
+from feature_cache import FeatureCache
 from evaluate import caption_features
 from sample import draw_caption
 from vocab import tokenize
@@ -38,17 +38,17 @@ def get_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     parser.add_argument('--data_dir', type=str, default='data/shapes', help='where the built-in set is made')
-    parser.add_argument('--num_train', type=int, default=1000, help='training pictures (5 captions each)')
-    parser.add_argument('--num_val', type=int, default=100, help='held-out pictures')
-    parser.add_argument('--image_size', type=int, default=128, help='picture size (resize.py --image_size)')
-    parser.add_argument('--crop_size', type=int, default=112, help='centre crop fed to the ResNet')
+    parser.add_argument('--num_train', type=int, default=1500, help='training pictures (5 captions each)')
+    parser.add_argument('--num_val', type=int, default=150, help='held-out pictures')
+    parser.add_argument('--image_size', type=int, default=96, help='picture size (resize.py --image_size)')
+    parser.add_argument('--crop_size', type=int, default=84, help='centre crop fed to the ResNet')
     # model and training (train.py's flags; the model is the tutorial's)
     parser.add_argument('--model_path', type=str, default='models/shapes', help='checkpoints and logs')
     parser.add_argument('--encoder_weights', type=str, default='auto',
                         help="'auto' (ImageNet if available, else random), 'imagenet', 'none' or a path")
     parser.add_argument('--embed_size', type=int, default=256)
     parser.add_argument('--hidden_size', type=int, default=512)
-    parser.add_argument('--num_epochs', type=int, default=12)
+    parser.add_argument('--num_epochs', type=int, default=6)
     parser.add_argument('--batch_size', type=int, default=64)
     parser.add_argument('--learning_rate', type=float, default=0.002)
     parser.add_argument('--num_workers', type=int, default=2)
@@ -119,7 +119,8 @@ def main(argv=None):
                 '--image_size', str(args.image_size), '--crop_size', str(args.crop_size),
                 '--embed_size', str(args.embed_size), '--hidden_size', str(args.hidden_size),
                 '--num_epochs', str(args.num_epochs), '--batch_size', str(args.batch_size),
-                '--learning_rate', str(args.learning_rate), '--num_workers', str(args.num_workers),
+                # features come from a memory-mapped file: worker processes would only add start-up time
+                '--learning_rate', str(args.learning_rate), '--num_workers', '0',
                 '--log_step', '25', '--augment', 'none', '--recalibrate_bn', '50',
                 '--seed', seed, '--device', args.device])
     best = os.path.join(args.model_path, 'best.pt')
@@ -133,11 +134,15 @@ def main(argv=None):
     device = torch.device(args.device)
     captioner = load_captioner(best, device=device)
     names, refs = evaluate.load_references(val_json)  # {id: file name}, {id: [captions]}
-    ids = sorted(names)
+    # the ResNet features of the held-out pictures are in train.py's cache already (centre crops)
+    cache = FeatureCache(root=os.path.join(resized, 'val'), json=val_json, crop_size=args.crop_size, views=1,
+                         encoder_id=encoder_id(encoder_spec(weights, args.seed)), seed=args.seed)
+    pooled = torch.tensor(cache.load_or_build(captioner.encoder, device)[0])  # (N, 2048), sorted ids; a copy
+    ids = [i for i in cache.image_ids if i in refs]
+    pooled = pooled[[cache.row[i] for i in ids]]
     paths = [os.path.join(resized, 'val', names[i]) for i in ids]
     with torch.no_grad():
-        batch = torch.cat([load_image(p, captioner.image_size, captioner.crop_size) for p in paths]).to(device)
-        features = captioner.encoder(batch)  # (N, E)
+        features = captioner.encoder.project(pooled.to(device))  # (N, E)
         captions = caption_features(captioner.decoder, features, captioner.vocab, beam_size=args.beam_size)
         wrong = caption_features(captioner.decoder, features[shuffled(len(ids), args.seed)], captioner.vocab,
                                  beam_size=args.beam_size)

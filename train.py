@@ -405,9 +405,11 @@ def main(argv=None):
     # alone, which is what lets a resumed run see exactly the batches it would have seen
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     val_sampler = DistributedSampler(val_set, num_replicas=world_size, rank=rank, shuffle=False)
-    loader_kw = dict(collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == 'cuda',
-                     persistent_workers=args.num_workers > 0)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **loader_kw)
+    loader_kw = dict(collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == 'cuda')
+    # the validation loader lives through the run, so its workers can too; the training loader is
+    # made anew each epoch (a resumed epoch starts at its batch), and its workers with it
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler,
+                            persistent_workers=args.num_workers > 0, **loader_kw)
     total_step = len(EpochBatchSampler(sampler, args.batch_size))
     os.makedirs(args.model_path, exist_ok=True)
     latest = os.path.join(args.model_path, 'latest.pt')
