@@ -265,23 +265,20 @@ def make_split(split, num_images, args):
 
 
 def extract_features(paths, image_size, crop_size, seed, device='cpu', batch_size=32):
-    """(N, 2048) float32 pooled features of a ResNet-152 with random weights (torch.manual_seed(seed)
-    before building it), eval mode, with the pipeline's preprocessing (data_loader.load_image:
-    resize to image_size, centre crop crop_size, ImageNet normalisation).
-    Returns (features, seconds per image)."""
+    """(N, 2048) float32 pooled features of the pipeline's random-weight ResNet-152
+    (checkpoint.build_encoder with --encoder_weights none and this seed: what train.py uses),
+    with the pipeline's preprocessing (data_loader.load_image: resize to image_size, centre
+    crop crop_size, ImageNet normalisation). Returns (features, seconds per image)."""
     import torch
-    import torchvision
+    from checkpoint import build_encoder, encoder_spec
     from data_loader import load_image
 
-    torch.manual_seed(seed)
-    resnet = torchvision.models.resnet152(weights=None)
-    resnet.fc = torch.nn.Identity()  # (N, 2048) after the average pool
-    resnet.eval().to(device)
+    encoder = build_encoder(8, encoder_spec('none', seed)).eval().to(device)
     features, start = [], time.perf_counter()
     with torch.no_grad():
         for b in range(0, len(paths), batch_size):
             batch = torch.cat([load_image(p, image_size, crop_size) for p in paths[b:b + batch_size]])
-            features.append(resnet(batch.to(device)).float().cpu())  # (N_b, 2048)
+            features.append(encoder.extract(batch.to(device)).float().cpu())  # (N_b, 2048)
             print(f'\rfeatures {min(b + batch_size, len(paths))}/{len(paths)}', end='', flush=True)
     print()
     return torch.cat(features), (time.perf_counter() - start) / len(paths)
@@ -324,7 +321,7 @@ def probe(args, splits):
     """
     import torch
 
-    print(f'probe: ResNet-152 with random weights (torch.manual_seed({args.seed})), eval mode, '
+    print(f'probe: the pipeline's random-weight ResNet-152 (--encoder_weights none, seed {args.seed}), eval mode, '
           f'image_size {args.image_size}, centre crop {args.crop_size}, {torch.get_num_threads()} threads')
     features, labels = {}, {}
     for split, coco in splits.items():
