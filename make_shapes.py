@@ -321,7 +321,7 @@ def probe(args, splits):
     """
     import torch
 
-    print(f'probe: the pipeline's random-weight ResNet-152 (--encoder_weights none, seed {args.seed}), eval mode, '
+    print(f"probe: the pipeline's random-weight ResNet-152 (--encoder_weights none, seed {args.seed}), eval mode, "
           f'image_size {args.image_size}, centre crop {args.crop_size}, {torch.get_num_threads()} threads')
     features, labels = {}, {}
     for split, coco in splits.items():
