@@ -199,6 +199,20 @@ def encoder_state(encoder):
     return {k: v for k, v in encoder.state_dict().items() if not k.startswith('resnet.')}
 
 
+def add_model_args(parser):
+    """The flags that say which model to load (sample.py and evaluate.py): a checkpoint of
+    train.py, or the tutorial's three files; they go to `load_captioner` by the same names."""
+    parser.add_argument('--checkpoint', type=str, default=None,
+                        help='a train.py checkpoint (default: the newest in --model_path)')
+    parser.add_argument('--model_path', type=str, default='models/', help='where train.py wrote its checkpoints')
+    parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder-*.pkl")
+    parser.add_argument('--decoder_path', type=str, default=None,
+                        help="the tutorial's decoder-*.pkl (or a train.py checkpoint)")
+    parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl")
+    parser.add_argument('--encoder_weights', type=str, default=None,
+                        help="override the frozen ResNet's weights the checkpoint records: 'imagenet', 'none' or a path")
+
+
 @dataclass
 class Captioner:
     """What sample.py and evaluate.py need: the two halves, the words, the preprocessing."""

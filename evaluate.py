@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from checkpoint import EncoderWeightsError, load_captioner
+from checkpoint import EncoderWeightsError, add_model_args, load_captioner
 from data_loader import load_image
 from metrics import format_scores, score_captions
 
@@ -49,15 +49,7 @@ def get_args(argv=None):
     parser.add_argument('--max_images', type=int, default=0,
                         help='caption only the first this many images, by image id (0: all)')
     # model: a checkpoint of train.py, or the tutorial's three files (as sample.py)
-    parser.add_argument('--checkpoint', type=str, default=None,
-                        help='a train.py checkpoint; not given: the newest in --model_path')
-    parser.add_argument('--model_path', type=str, default='models/', help='where train.py wrote its checkpoints')
-    parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder-*.pkl")
-    parser.add_argument('--decoder_path', type=str, default=None,
-                        help="the tutorial's decoder-*.pkl (or a train.py checkpoint)")
-    parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl")
-    parser.add_argument('--encoder_weights', type=str, default=None,
-                        help="override the frozen ResNet's weights the checkpoint records: 'imagenet', 'none' or a path")
+    add_model_args(parser)
     # decoding
     parser.add_argument('--beam_size', type=int, default=3, help='hypotheses kept per image (1: greedy)')
     parser.add_argument('--length_penalty', type=float, default=0.0,

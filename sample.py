@@ -14,7 +14,7 @@ import sys
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from checkpoint import EncoderWeightsError, load_captioner
+from checkpoint import EncoderWeightsError, add_model_args, load_captioner
 from data_loader import load_image, open_rgb
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
@@ -27,15 +27,7 @@ def get_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--image', type=str, nargs='+', required=True, help='pictures or folders to caption')
     # model: a checkpoint of train.py, or the tutorial's three files
-    parser.add_argument('--checkpoint', type=str, default=None,
-                        help='a train.py checkpoint (default: the newest in --model_path)')
-    parser.add_argument('--model_path', type=str, default='models/', help='where train.py wrote its checkpoints')
-    parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder-*.pkl")
-    parser.add_argument('--decoder_path', type=str, default=None,
-                        help="the tutorial's decoder-*.pkl (or a train.py checkpoint)")
-    parser.add_argument('--vocab_path', type=str, default=None, help="the tutorial's vocab.pkl")
-    parser.add_argument('--encoder_weights', type=str, default=None,
-                        help="override the frozen ResNet's weights the checkpoint records: 'imagenet', 'none' or a path")
+    add_model_args(parser)
     # decoding
     parser.add_argument('--beam_size', type=int, default=1, help='1: greedy, the tutorial\'s decoding')
     parser.add_argument('--length_penalty', type=float, default=0.0,
