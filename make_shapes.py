@@ -10,10 +10,12 @@ picture gets 5 differently worded captions made from its scene (40 words in all)
     there are two large red circles on the left
 
 The scenes are built so that a captioner can learn them even through a frozen ResNet-152
-with *random* weights: its pooled features keep the colour of large regions (the
-background), roughly where the objects are and how big; object colour and count only
-weakly, and the shape (fine detail) not at all; that takes ImageNet weights. --probe
-measures this with a linear probe per attribute (numbers in readme_parts/shapes.md).
+with *random* weights (the pipeline's, see checkpoint.scale_residual_branches): its pooled
+features keep the background and object colours, roughly where the objects are and how
+big; the count only weakly, and the shape (fine detail) not at all: that takes ImageNet
+weights. --probe measures this with a linear probe per attribute (held-out accuracy with
+the defaults: background 1.00, colour 0.88, position 0.71, size 0.76, count 0.53, shape
+0.36, against chance 0.23 / 0.23 / 0.25 / 0.51 / 0.39 / 0.37).
 
 The defaults suit a CPU demo: 96 x 96 pictures, fed to the ResNet as 84 x 84 centre
 crops (train.py --image_size 96 --crop_size 84), cost about 28 ms each on 2 CPU cores.
