@@ -189,14 +189,15 @@ class my_LSTMCell(nn.Module):
         XXX: writes through ``p.data`` bypass the version counter; call ``clear_cache()``
         after them (https://pytorch.org/docs/stable/notes/autograd.html#in-place-correctness-checks).
 
-        With joint=True (only where no graph is needed) it returns (that tuple, [W_ih | W_hh]
-        of shape (4*H, H_in + H_out)): one matmul on [x | h] is ~20% faster than two at batch 1.
+        With joint=True it returns (that tuple, [W_ih | W_hh] of shape (4*H, H_in + H_out)),
+        the latter only from the cache (else None): one matmul on [x | h] is ~20% faster than
+        two at batch 1.
         """
         # the parameters straight from the gate layers: self.parameters() costs more than
         # a whole batch-1 step's element-wise work
         params = [p for m in self._modules.values() if m is not None for p in m._parameters.values() if p is not None]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._fuse()
+            return (self._fuse(), None) if joint else self._fuse()
         # ids are safe to compare: the cache holds the parameters, so no id gets reused
         key = tuple(k for p in params for k in (id(p), p._version, p.data_ptr()))
         cache = self._fused_cache
@@ -431,31 +432,28 @@ def lstm_layer(cell, x, batch_sizes, h0=None, c0=None, last=None):
     """
     if last is None:
         last = _last_rows(batch_sizes, x.device)
-    w_ih, w_hh, b, w_hr = cell.fused_weights()
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if autocast:
+    # a single step from a given state (greedy decoding) can take both matmuls as one
+    single = len(batch_sizes) == 1 and h0 is not None
+    (w_ih, w_hh, b, w_hr), w_joint = cell.fused_weights(joint=True) if single else (cell.fused_weights(), None)
+    if torch.is_autocast_enabled(x.device.type):
         # autocast does not reach inside _LSTMLayer: run the whole layer, states included, in
         # the autocast dtype, as autocast runs cuDNN's LSTM (the casts are differentiable, so the
         # float32 gate weights still get their gradients)
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_ih, b, h0, c0, w_hh, w_hr = (t if t is None else t.to(dtype) for t in (x, w_ih, b, h0, c0, w_hh, w_hr))
         with torch.autocast(x.device.type, enabled=False):
-            return _run_layer(cell, x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, joint=False)
+            return _run_layer(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, None)
     if x.dtype != w_ih.dtype:
         raise RuntimeError(f"my_LSTM: input must have the type {w_ih.dtype}, got type {x.dtype}")
-    return _run_layer(cell, x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, joint=True)
+    return _run_layer(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, w_joint)
 
 
-def _run_layer(cell, x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, joint):
+def _run_layer(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, w_joint):
     """lstm_layer's work on weights already fused (and cast): autograd Function or plain loop."""
     args = (x, w_ih, b, h0, c0, w_hh, w_hr)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return _LSTMLayer.apply(*args, batch_sizes, last)
-    # inference: nothing to save, and a single step from a given state (greedy decoding)
-    # takes both matmuls as one
-    single = joint and len(batch_sizes) == 1 and h0 is not None
-    w_joint = cell.fused_weights(joint=True)[1] if single else None
-    hs, (_, cs, _, _) = _recurrence(*args, batch_sizes, w_joint)
+    hs, (_, cs, _, _) = _recurrence(*args, batch_sizes, w_joint)       # inference: nothing to save
     if isinstance(last, slice):
         return hs, hs[last], cs[last]                                   # views will do: no autograd here
     return (hs,) + _final_states(hs, cs, last)
