@@ -583,6 +583,14 @@ class my_LSTM(nn.Module):
     def flatten_parameters(self):
         """A no-op, for code written for nn.LSTM (there is nothing to flatten here)."""
 
+    def train(self, mode=True):
+        # a switch to eval (or back) drops the inference caches of concatenated weights: an
+        # optimizer whose in-place update does not bump version counters (fused Adam) must not
+        # leave evaluation with stale weights
+        for cell in self.cells.values():
+            cell.clear_cache()
+        return super().train(mode)
+
     def forward(self, input, hx=None):
         D = 2 if self.bidirectional else 1
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size

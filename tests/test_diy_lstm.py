@@ -458,3 +458,22 @@ def test_autocast_bf16_runs_in_bf16_and_trains_float32_weights():
     out.data.float().sum().backward()
     grads = [p.grad for p in m.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_eval_switch_drops_stale_cache_after_fused_adam():
+    """Fused Adam updates weights without bumping version counters; eval() must still see them."""
+    torch.manual_seed(0)
+    m = my_LSTM(4, 8)
+    x = torch.randn(3, 2, 4)
+    m.eval()
+    with torch.no_grad():
+        before = m(x)[0]
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=0.1, fused=True)
+    m(x)[0].sum().backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        after = m(x)[0]
+    torch.testing.assert_close(after, m.to_lstm()(x)[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
