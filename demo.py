@@ -158,7 +158,8 @@ def main(argv=None):
     print(f'BLEU-4 (0-100) of the captions: {real:.1f}; of the same model fed the wrong pictures: '
           f'{shuffled_bleu:.1f} -> {"the captions come from the pictures" if real > shuffled_bleu + 5 else "no clear evidence the captions use the pictures"}')
     if weights == 'none':
-        print('(encoder on random weights: colours, counts, sizes and places are learnable, shapes hardly)')
+        print('(encoder on random weights: its features keep colours, sizes and places, counts weakly and '
+              'shapes not at all: see make_shapes.py --probe; ImageNet weights see the shapes too)')
     print(f'wrote {min(args.examples, len(ids))} captioned pictures to {args.output}/; '
           f'checkpoint {best}; done in {time.time() - start:.0f} s')
     print(f'caption any picture with: python sample.py --checkpoint {best} --image {paths[0]}')
