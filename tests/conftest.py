@@ -14,6 +14,30 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the tutorial's class, verbatim (yunjey/pytorch-tutorial image_captioning/build_vocab.py)
+TUTORIAL_VOCABULARY = '''
+class Vocabulary(object):
+    """Simple vocabulary wrapper."""
+    def __init__(self):
+        self.word2idx = {}
+        self.idx2word = {}
+        self.idx = 0
+
+    def add_word(self, word):
+        if not word in self.word2idx:
+            self.word2idx[word] = self.idx
+            self.idx2word[self.idx] = word
+            self.idx += 1
+
+    def __call__(self, word):
+        if not word in self.word2idx:
+            return self.word2idx['<unk>']
+        return self.word2idx[word]
+
+    def __len__(self):
+        return len(self.word2idx)
+'''
+
 COLOURS = {'red': (220, 30, 30), 'green': (30, 180, 60), 'blue': (40, 60, 220), 'yellow': (240, 220, 40)}
 PLACES = {'left': (0.05, 0.3), 'right': (0.55, 0.3), 'top': (0.3, 0.05), 'bottom': (0.3, 0.55)}
 

@@ -11,27 +11,12 @@ import torchvision
 
 import checkpoint
 from checkpoint import EncoderWeightsError, build_encoder, encoder_spec, load_captioner, load_checkpoint
-from conftest import REPO, run
+from conftest import REPO, TUTORIAL_VOCABULARY, run
 from data_loader import load_image
 from model import DecoderRNN, EncoderCNN
 
 # the tutorial's build_vocab.py, as it pickled its vocabulary: a class that lives in __main__
-TUTORIAL_BUILD_VOCAB = textwrap.dedent('''
-    import pickle, sys
-    class Vocabulary(object):
-        def __init__(self):
-            self.word2idx = {}
-            self.idx2word = {}
-            self.idx = 0
-        def add_word(self, word):
-            if not word in self.word2idx:
-                self.word2idx[word] = self.idx
-                self.idx2word[self.idx] = word
-                self.idx += 1
-        def __call__(self, word):
-            return self.word2idx.get(word, self.word2idx['<unk>'])
-        def __len__(self):
-            return len(self.word2idx)
+TUTORIAL_BUILD_VOCAB = 'import pickle, sys\n' + TUTORIAL_VOCABULARY + textwrap.dedent('''
     vocab = Vocabulary()
     for word in ['<pad>', '<start>', '<end>', '<unk>'] + ['w%d' % i for i in range(26)]:
         vocab.add_word(word)

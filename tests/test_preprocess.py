@@ -12,32 +12,8 @@ from PIL import Image
 
 import build_vocab
 import resize
-from conftest import REPO, run
+from conftest import REPO, TUTORIAL_VOCABULARY, run
 from vocab import SPECIAL_TOKENS, Vocabulary, load_vocab, save_vocab, tokenize
-
-# the tutorial's class, verbatim (yunjey/pytorch-tutorial image_captioning/build_vocab.py)
-TUTORIAL_VOCABULARY = '''
-class Vocabulary(object):
-    """Simple vocabulary wrapper."""
-    def __init__(self):
-        self.word2idx = {}
-        self.idx2word = {}
-        self.idx = 0
-
-    def add_word(self, word):
-        if not word in self.word2idx:
-            self.word2idx[word] = self.idx
-            self.idx2word[self.idx] = word
-            self.idx += 1
-
-    def __call__(self, word):
-        if not word in self.word2idx:
-            return self.word2idx['<unk>']
-        return self.word2idx[word]
-
-    def __len__(self):
-        return len(self.word2idx)
-'''
 
 # counts with threshold 2: a 5, '.' 4, dog 3, cat 2, sleeps 2; runs, and, the, '!', bird 1
 CAPTIONS = ['A dog runs.', 'A dog sleeps.', 'A dog and a cat.', 'The cat sleeps!', 'A bird.']
