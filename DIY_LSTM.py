@@ -277,46 +277,101 @@ def _check_sizes(cls, input_size, hidden_size, proj_size):
 # Without a given hx, h(-1) = 0 and the first step's hidden-side matmul is skipped.
 # --------------------------------------------------------------------------------------
 
-def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, w_joint=None):
+# MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute), the ops torch.compile's CPU
+# backend uses for frozen nn.Linear weights; None where torch was built without MKL
+try:
+    _MKL_PACK, _MKL_LINEAR = torch.ops.mkl._mkl_reorder_linear_weight, torch.ops.mkl._mkl_linear
+except (AttributeError, RuntimeError):
+    _MKL_PACK = _MKL_LINEAR = None
+
+
+def _step_matmul(w, n, uses):
+    """addmm_(out, x): out += x @ w^T, in place, for the forward's per-step matmul.
+
+    Every step multiplies by the same w (4H, H_out), so it is worth doing what oneDNN's RNN
+    (nn.LSTM's CPU kernel) does: reorder w once into the GEMM kernel's own blocked layout,
+    instead of letting every step's sgemm repack it. On the lab's 2-core Xeon (AVX512) that
+    makes the 22 (128, 512) x (512, 2048) steps of bench case (b) ~10% faster. MKL's packed
+    layout is made for one row count n, so only steps with n rows use it (all of a dense
+    batch, the first steps of a packed one); packing costs about one step, hence `uses`.
+    The backward's da W_hh is left to plain addmm_: it would need W_hh^T packed, and the
+    transpose costs as much as packing saves (measured).
+    """
+    if (_MKL_PACK is not None and uses >= 4 and w.device.type == 'cpu' and w.dtype == torch.float32
+            and torch.backends.mkl.is_available()):
+        packed = _MKL_PACK(w, n)
+
+        def addmm_(out, x):
+            if x.size(0) != n:
+                return out.addmm_(x, w.t())
+            return out.add_(_MKL_LINEAR(x, packed, w, None, n))
+        return addmm_
+    return lambda out, x: out.addmm_(x, w.t())
+
+
+def _cell(a, c, c_out=None, r_out=None, h_out=None, m_out=None, w_hr=None):
+    """The gates of one step, from its pre-activations: the equations of my_LSTMCell.forward.
+
+    a: (N, 4H) pre-activations x W_ih^T + b + h W_hh^T, with the cell candidate's doubled
+    (see fused_weights); overwritten by the gates i, f, s, o, where g = 2s - 1.
+    c: (N, H) the previous memory, None for zeros. The *_out buffers, when given, receive
+    c' (N, H), r = sigmoid(-2c') (N, H), h' (N, H_out) and, with a projection, o * tanh(c').
+    Returns (h', c').
+    """
+    # XXX: torch.tanh is avoided on purpose. On CPU it runs through MKL's VML, which on AMD
+    # EPYC was 5x slower than torch.sigmoid and, at 2 threads on a busy machine, could wait a
+    # whole scheduler tick (~20 ms) for a 512-element tensor. tanh(x) = 2 sigmoid(2x) - 1 =
+    # 1 - 2 sigmoid(-2x), so one sigmoid call covers all four gates, and another tanh(c').
+    i, f, s, o = a.sigmoid_().chunk(4, 1)            # input, forget, s = (g + 1) / 2, output; each (N, H)
+    if c is not None:
+        c = torch.mul(f, c, out=c_out).addcmul_(i, s, value=2).sub_(i)     # c' = f*c + i*(2s-1) = f*c + i*g
+    else:
+        c = torch.mul(i, s, out=c_out).mul_(2).sub_(i)                     # c' = i*g when c = 0
+    r = torch.mul(c, -2, out=r_out).sigmoid_()       # tanh(c') = 1 - 2r
+    if w_hr is None:
+        h = torch.addcmul(o, o, r, value=-2, out=h_out)                    # h' = o*tanh(c') = o - 2*o*r
+    else:
+        m = torch.addcmul(o, o, r, value=-2, out=m_out)                    # o*tanh(c')
+        h = torch.mm(m, w_hr.t(), out=h_out)                               # h' = W_hr (o*tanh(c'))
+    return h, c
+
+
+def _step(x, h, c, w_joint, b, w_hr):
+    """One step from a given state, without autograd (greedy decoding): returns (h', c').
+
+    x (N, H_in), h (N, H_out), c (N, H); w_joint = [W_ih | W_hh] (4H, H_in + H_out) takes
+    both sides in one matmul, ~20% faster than two at batch 1.
+    """
+    xh = torch.cat([x, h], 1)                                               # (N, H_in + H_out)
+    a = torch.addmm(b, xh, w_joint.t()) if b is not None else torch.mm(xh, w_joint.t())  # (N, 4H)
+    return _cell(a, c, w_hr=w_hr)
+
+
+def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):
     """Forward of one layer in one direction; returns hs (T, H_out) and what the backward needs.
 
     h0 None means zeros. As in fused_weights, the cell candidate's rows of w_ih, b and
-    w_hh are doubled, and g = 2 sigmoid(.) - 1. w_joint = [w_ih | w_hh], for one step.
+    w_hh are doubled, and g = 2 sigmoid(.) - 1.
     """
     T, H = x.size(0), w_hh.size(0) // 4
     # (T, 4H) the input side of every step; the loop adds the hidden side in place, and
     # then holds the gates i, f, s, o with g = 2s - 1
-    if w_joint is not None:                          # one step: both sides in one matmul
-        x, w_ih, h0 = torch.cat([x, h0], 1), w_joint, None
     acts = torch.addmm(b, x, w_ih.t()) if b is not None else torch.mm(x, w_ih.t())
     cs = x.new_empty(T, H)                           # (T, H) memory c(t)
     rs = x.new_empty(T, H)                           # (T, H) r = sigmoid(-2c), tanh(c) = 1 - 2r
     hs = x.new_empty(T, w_hh.size(1))                # (T, H_out) outputs h(t)
     ms = x.new_empty(T, H) if w_hr is not None else None  # (T, H) o * tanh(c) before the projection
     h, c = h0, c0
-    w_hh_t = w_hh.t()                                # (H_out, 4H), a view: addmm reads it transposed
-    if len(batch_sizes) == 1:                        # a single step (greedy decoding): no need to split
-        steps = [(acts, cs, rs, hs, ms)]
-    else:
-        steps = zip(acts.split(batch_sizes), cs.split(batch_sizes), rs.split(batch_sizes), hs.split(batch_sizes),
-                    ms.split(batch_sizes) if ms is not None else [None] * len(batch_sizes))
-    # XXX: torch.tanh is avoided on purpose. On CPU it runs through MKL's VML, which here is
-    # 5x slower than torch.sigmoid and, at 2 threads on a busy machine, can wait a whole
-    # scheduler tick (~20 ms) for a 512-element tensor. tanh(x) = 2 sigmoid(2x) - 1 = 1 - 2 sigmoid(-2x).
+    full = sum(bs == batch_sizes[0] for bs in batch_sizes) - (h is None)  # steps with the whole batch
+    addmm_ = _step_matmul(w_hh, batch_sizes[0], full)
+    nones = [None] * len(batch_sizes)
+    steps = zip(acts.split(batch_sizes), cs.split(batch_sizes), rs.split(batch_sizes), hs.split(batch_sizes),
+                ms.split(batch_sizes) if ms is not None else nones)
     for a, c_t, r_t, h_t, m_t in steps:
         bs = a.size(0)                               # sequences still running (a prefix of the batch)
         if h is not None:
-            a.addmm_(h[:bs], w_hh_t)                 # (bs, 4H) pre-activations, g's doubled
-        i, f, s, o = a.sigmoid_().chunk(4, 1)        # all four gates in one call; each (bs, H)
-        if c is not None:
-            c = torch.mul(f, c[:bs], out=c_t).addcmul_(i, s, value=2).sub_(i)  # c' = f*c + i*(2s-1) = f*c + i*g
-        else:
-            c = torch.mul(i, s, out=c_t).mul_(2).sub_(i)                        # c' = i*g when c = 0
-        r = torch.mul(c, -2, out=r_t).sigmoid_()     # tanh(c') = 1 - 2r
-        if w_hr is None:
-            h = torch.addcmul(o, o, r, value=-2, out=h_t)                      # h' = o*tanh(c') = o - 2*o*r
-        else:
-            h = torch.mm(torch.addcmul(o, o, r, value=-2, out=m_t), w_hr.t(), out=h_t)  # h' = W_hr (o*tanh(c'))
+            addmm_(a, h[:bs])                        # (bs, 4H) += h W_hh^T: pre-activations, g's doubled
+        h, c = _cell(a, c[:bs] if c is not None else None, c_t, r_t, h_t, m_t, w_hr)
     return hs, (acts, cs, rs, ms)
 
 
@@ -453,7 +508,10 @@ def _run_layer(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes, last, w_joint):
     args = (x, w_ih, b, h0, c0, w_hh, w_hr)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return _LSTMLayer.apply(*args, batch_sizes, last)
-    hs, (_, cs, _, _) = _recurrence(*args, batch_sizes, w_joint)       # inference: nothing to save
+    if w_joint is not None:                                             # one step from a given state
+        h, c = _step(x, h0, c0, w_joint, b, w_hr)
+        return h, h, c
+    hs, (_, cs, _, _) = _recurrence(*args, batch_sizes)                 # inference: nothing to save
     if isinstance(last, slice):
         return hs, hs[last], cs[last]                                   # views will do: no autograd here
     return (hs,) + _final_states(hs, cs, last)

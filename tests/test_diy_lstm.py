@@ -174,6 +174,36 @@ def test_fused_layer_equals_per_gate_cell(proj_size):
     torch.testing.assert_close(c_n, c, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(DIY_LSTM._MKL_LINEAR is None, reason='torch built without MKL')
+@pytest.mark.parametrize('kind', ['dense', 'packed'])
+def test_packed_gemm_steps_match_nn_lstm(kind, monkeypatch):
+    """The forward's per-step matmul on MKL's packed W_hh (steps with the whole batch) and
+    plain addmm_ (the shrinking steps of a packed batch) agree with nn.LSTM, gradients included."""
+    rows = []
+    mkl_linear = DIY_LSTM._MKL_LINEAR
+    monkeypatch.setattr(DIY_LSTM, '_MKL_LINEAR', lambda x, *args: rows.append(x.size(0)) or mkl_linear(x, *args))
+    torch.manual_seed(0)
+    ref = nn.LSTM(H_IN, H, batch_first=True)
+    m = my_LSTM.from_lstm(ref)
+    lengths = [9, 7, 6, 6]                       # batch_sizes 4 x 6, then 2, 1, 1
+    x = torch.randn(4, 9, H_IN, requires_grad=True)
+    make = (lambda: pack_padded_sequence(x, lengths, batch_first=True)) if kind == 'packed' else (lambda: x)
+    outs = {}
+    for name, model in (('ref', ref), ('mine', m)):
+        x.grad = None
+        out, (h, c) = model(make())
+        out = out.data if kind == 'packed' else out
+        (out.pow(2).sum() + h.sum() + c.sum()).backward()
+        outs[name] = (out, h, c, x.grad.clone(), lstm_grads(m) if name == 'mine' else
+                      {k: p.grad for k, p in ref.named_parameters()})
+    expected = [4] * (5 if kind == 'packed' else 8)  # every step but the first (no h yet) with all 4 rows
+    assert rows == expected, rows
+    for a, b in zip(outs['ref'][:4], outs['mine'][:4]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for k, g in outs['ref'][4].items():
+        torch.testing.assert_close(outs['mine'][4][k], g, atol=1e-5, rtol=1e-5)
+
+
 def test_cell_matches_nn_lstmcell():
     torch.manual_seed(0)
     ref = nn.LSTMCell(H_IN, H)
