@@ -199,7 +199,7 @@ class my_LSTMCell(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return (self._fuse(), None) if joint else self._fuse()
         # ids are safe to compare: the cache holds the parameters, so no id gets reused
-        key = tuple(k for p in params for k in (id(p), p._version, p.data_ptr()))
+        key = [(id(p), p._version, p.data_ptr()) for p in params]
         cache = self._fused_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
@@ -269,54 +269,128 @@ def _check_sizes(cls, input_size, hidden_size, proj_size):
 # so the active batch only shrinks, and h(t-1)[:batch_sizes[t]] is the previous state of
 # exactly the sequences still running. Per layer and direction the work is:
 #   1. one matmul for the input side of every step: (T, H_in) @ W_ih^T -> (T, 4H);
-#   2. per step one matmul for the hidden side, added in place, and a few elementwise ops
-#      written straight into preallocated (T, .) buffers, with no autograd bookkeeping;
+#   2. per step one matmul for the hidden side (on W_hh packed once for the GEMM kernel,
+#      see _step_matmul), added in place, and the gate equations (_cell) written straight
+#      into preallocated (T, .) buffers, with no autograd bookkeeping;
 #   3. a hand-written backward (backpropagation through time) that again does one matmul
 #      per step, and gets dW_ih, dW_hh and dx from one big matmul each over all steps,
 #      where autograd would do small ones step by step.
-# Without a given hx, h(-1) = 0 and the first step's hidden-side matmul is skipped.
+# Without a given hx, h(-1) = 0 and the first step's hidden-side matmul is skipped. One
+# step from a given state without autograd (greedy decoding) takes a shorter path, _step.
 # --------------------------------------------------------------------------------------
 
-# MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute), the ops torch.compile's CPU
-# backend uses for frozen nn.Linear weights; None where torch was built without MKL
+# --- the layer's matmuls -----------------------------------------------------------------
+# XXX: on the CPU, which library multiplies the float32 matrices matters as much as anything
+# else in this file. PyTorch's matmuls call MKL; nn.LSTM's CPU kernel calls oneDNN. MKL is
+# Intel's: on the lab's Xeon (AVX512) it is as fast as oneDNN or faster at the LSTM's shapes,
+# and its packed GEMM (_step_matmul) beats both for the per-step product. On AMD CPUs MKL
+# takes slower code paths: on an AMD EPYC (AVX512) oneDNN's matmul measured 1.1x to 2.4x
+# faster at batch 1 to 128. So CPU_MATMUL = 'auto' calls oneDNN on AMD CPUs and MKL (through
+# torch.mm) elsewhere; 'mkl' or 'onednn' forces one (bench/bench_lstm.py --cpu_matmul).
+# Either gives float32 results to rounding; GPUs always use torch.mm (cuBLAS).
+CPU_MATMUL = 'auto'
+
+# oneDNN's linear layer and MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute): the
+# ops torch.compile's CPU backend calls for nn.Linear; None in builds without them
+_ONEDNN_LINEAR = getattr(getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise', None), 'default', None)
 try:
     _MKL_PACK, _MKL_LINEAR = torch.ops.mkl._mkl_reorder_linear_weight, torch.ops.mkl._mkl_linear
 except (AttributeError, RuntimeError):
     _MKL_PACK = _MKL_LINEAR = None
 
 
-def _step_matmul(w, n, uses):
-    """addmm_(out, x): out += x @ w^T, in place, for the forward's per-step matmul.
+def _cpu_vendor():
+    """'GenuineIntel', 'AuthenticAMD', ... as /proc/cpuinfo says; '' where it cannot be read."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('vendor_id')), '')
+    except OSError:
+        return ''
 
-    Every step multiplies by the same w (4H, H_out), so it is worth doing what oneDNN's RNN
-    (nn.LSTM's CPU kernel) does: reorder w once into the GEMM kernel's own blocked layout,
-    instead of letting every step's sgemm repack it. On the lab's 2-core Xeon (AVX512) that
-    makes the 22 (128, 512) x (512, 2048) steps of bench case (b) ~10% faster. MKL's packed
-    layout is made for one row count n, so only steps with n rows use it (all of a dense
-    batch, the first steps of a packed one); packing costs about one step, hence `uses`.
-    The backward's da W_hh is left to plain addmm_: it would need W_hh^T packed, and the
+
+_CPU_VENDOR = _cpu_vendor()
+
+
+def cpu_matmul(t):
+    """The library the layer multiplies tensors like t with: 'onednn', 'mkl' or 'torch'."""
+    if t.device.type != 'cpu' or t.dtype != torch.float32:
+        return 'torch'
+    if CPU_MATMUL not in ('auto', 'mkl', 'onednn'):
+        raise ValueError(f"DIY_LSTM: CPU_MATMUL must be 'auto', 'mkl' or 'onednn', got {CPU_MATMUL!r}")
+    onednn = CPU_MATMUL == 'onednn' or (CPU_MATMUL == 'auto' and _CPU_VENDOR == 'AuthenticAMD')
+    if onednn and _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        return 'onednn'
+    return 'mkl' if torch.backends.mkl.is_available() else 'torch'
+
+
+def _matmuls(t):
+    """The layer's matmuls for tensors like t, as (linear, addmm_, wgrad):
+        linear(x, w, b=None) = x @ w^T + b      (F.linear; w may be a transposed view)
+        addmm_(out, x, w):      out += x @ w^T, in place
+        wgrad(d, x)           = d^T @ x         (a weight gradient: d (T, out), x (T, in))
+    None of them records an autograd graph (oneDNN's op has no backward): the layer only
+    calls them inside its own autograd Function, or without a graph.
+    """
+    if cpu_matmul(t) == 'onednn':
+        return _onednn_linear, _onednn_addmm_, _onednn_wgrad
+    return _linear, _addmm_, _wgrad
+
+
+def _linear(x, w, b=None):
+    return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
+
+
+def _addmm_(out, x, w):
+    return out.addmm_(x, w.t())
+
+
+def _wgrad(d, x):
+    return torch.mm(d.t(), x)
+
+
+def _onednn_linear(x, w, b=None):
+    return _ONEDNN_LINEAR(x, w, b, 'none', [], '')
+
+
+def _onednn_addmm_(out, x, w):
+    return out.add_(_onednn_linear(x, w))
+
+
+def _onednn_wgrad(d, x):
+    return _onednn_linear(x.t().contiguous(), d.t()).t()    # as (x^T d)^T: the layout oneDNN is fastest at
+
+
+def _step_matmul(w, n, uses, addmm_):
+    """step_(out, x): out += x @ w^T, in place, for the forward's per-step matmul.
+
+    Every step multiplies by the same w (4H, H_out), so on MKL it is worth doing what
+    oneDNN's RNN (nn.LSTM's CPU kernel) does: reorder w once into the GEMM kernel's own
+    blocked layout, instead of letting every step's sgemm repack it. On the lab's 2-core Xeon
+    that makes the 22 (128, 512) x (512, 2048) steps of bench case (b) ~10% faster. MKL's
+    packed layout is made for one row count n, so only steps with n rows use it (all of a
+    dense batch, the first steps of a packed one); packing costs about one step, hence
+    `uses`. The backward's da W_hh is left to addmm_: it would need W_hh^T packed, and the
     transpose costs as much as packing saves (measured).
     """
-    if (_MKL_PACK is not None and uses >= 4 and w.device.type == 'cpu' and w.dtype == torch.float32
-            and torch.backends.mkl.is_available()):
+    if _MKL_PACK is not None and uses >= 4 and cpu_matmul(w) == 'mkl':
         packed = _MKL_PACK(w, n)
 
-        def addmm_(out, x):
+        def step_(out, x):
             if x.size(0) != n:
-                return out.addmm_(x, w.t())
+                return addmm_(out, x, w)
             return out.add_(_MKL_LINEAR(x, packed, w, None, n))
-        return addmm_
-    return lambda out, x: out.addmm_(x, w.t())
+        return step_
+    return lambda out, x: addmm_(out, x, w)
 
 
-def _cell(a, c, c_out=None, r_out=None, h_out=None, m_out=None, w_hr=None):
+def _cell(a, c, c_out=None, r_out=None, h_out=None, m_out=None, w_hr=None, linear=_linear):
     """The gates of one step, from its pre-activations: the equations of my_LSTMCell.forward.
 
     a: (N, 4H) pre-activations x W_ih^T + b + h W_hh^T, with the cell candidate's doubled
     (see fused_weights); overwritten by the gates i, f, s, o, where g = 2s - 1.
     c: (N, H) the previous memory, None for zeros. The *_out buffers, when given, receive
-    c' (N, H), r = sigmoid(-2c') (N, H), h' (N, H_out) and, with a projection, o * tanh(c').
-    Returns (h', c').
+    c' (N, H), r = sigmoid(-2c') (N, H), h' (N, H_out) and, with a projection, o * tanh(c')
+    (multiplied by w_hr with `linear`, see _matmuls). Returns (h', c').
     """
     # XXX: torch.tanh is avoided on purpose. On CPU it runs through MKL's VML, which on AMD
     # EPYC was 5x slower than torch.sigmoid and, at 2 threads on a busy machine, could wait a
@@ -332,7 +406,8 @@ def _cell(a, c, c_out=None, r_out=None, h_out=None, m_out=None, w_hr=None):
         h = torch.addcmul(o, o, r, value=-2, out=h_out)                    # h' = o*tanh(c') = o - 2*o*r
     else:
         m = torch.addcmul(o, o, r, value=-2, out=m_out)                    # o*tanh(c')
-        h = torch.mm(m, w_hr.t(), out=h_out)                               # h' = W_hr (o*tanh(c'))
+        h = linear(m, w_hr)                                                # h' = W_hr (o*tanh(c'))
+        h = h_out.copy_(h) if h_out is not None else h
     return h, c
 
 
@@ -342,9 +417,9 @@ def _step(x, h, c, w_joint, b, w_hr):
     x (N, H_in), h (N, H_out), c (N, H); w_joint = [W_ih | W_hh] (4H, H_in + H_out) takes
     both sides in one matmul, ~20% faster than two at batch 1.
     """
-    xh = torch.cat([x, h], 1)                                               # (N, H_in + H_out)
-    a = torch.addmm(b, xh, w_joint.t()) if b is not None else torch.mm(xh, w_joint.t())  # (N, 4H)
-    return _cell(a, c, w_hr=w_hr)
+    linear = _matmuls(x)[0]
+    a = linear(torch.cat([x, h], 1), w_joint, b)                           # (N, 4H), from [x | h] (N, H_in + H_out)
+    return _cell(a, c, w_hr=w_hr, linear=linear)
 
 
 def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):
@@ -356,22 +431,23 @@ def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):
     T, H = x.size(0), w_hh.size(0) // 4
     # (T, 4H) the input side of every step; the loop adds the hidden side in place, and
     # then holds the gates i, f, s, o with g = 2s - 1
-    acts = torch.addmm(b, x, w_ih.t()) if b is not None else torch.mm(x, w_ih.t())
+    linear, addmm_, _ = _matmuls(x)
+    acts = linear(x, w_ih, b)
     cs = x.new_empty(T, H)                           # (T, H) memory c(t)
     rs = x.new_empty(T, H)                           # (T, H) r = sigmoid(-2c), tanh(c) = 1 - 2r
     hs = x.new_empty(T, w_hh.size(1))                # (T, H_out) outputs h(t)
     ms = x.new_empty(T, H) if w_hr is not None else None  # (T, H) o * tanh(c) before the projection
     h, c = h0, c0
     full = sum(bs == batch_sizes[0] for bs in batch_sizes) - (h is None)  # steps with the whole batch
-    addmm_ = _step_matmul(w_hh, batch_sizes[0], full)
+    step_ = _step_matmul(w_hh, batch_sizes[0], full, addmm_)
     nones = [None] * len(batch_sizes)
     steps = zip(acts.split(batch_sizes), cs.split(batch_sizes), rs.split(batch_sizes), hs.split(batch_sizes),
                 ms.split(batch_sizes) if ms is not None else nones)
     for a, c_t, r_t, h_t, m_t in steps:
         bs = a.size(0)                               # sequences still running (a prefix of the batch)
         if h is not None:
-            addmm_(a, h[:bs])                        # (bs, 4H) += h W_hh^T: pre-activations, g's doubled
-        h, c = _cell(a, c[:bs] if c is not None else None, c_t, r_t, h_t, m_t, w_hr)
+            step_(a, h[:bs])                         # (bs, 4H) += h W_hh^T: pre-activations, g's doubled
+        h, c = _cell(a, c[:bs] if c is not None else None, c_t, r_t, h_t, m_t, w_hr, linear)
     return hs, (acts, cs, rs, ms)
 
 
@@ -418,15 +494,14 @@ class _LSTMLayer(torch.autograd.Function):
         else:
             d_h.index_add_(0, last, d_hn)
         dc_carry = d_cn.clone(memory_format=torch.contiguous_format)    # (N, H) dc' from later steps / c_n
-        d_ms = torch.empty_like(ms) if ms is not None else None         # (T, H) dm, with a projection
-        nones = [None] * len(batch_sizes)
+        linear, addmm_, wgrad = _matmuls(d_acts)
         c_prev = [c0] + _previous_rows(cs, batch_sizes)                 # each step's previous memory
         rows = list(zip(d_h.split(batch_sizes), d_acts.split(batch_sizes), dc_dm.split(batch_sizes),
-                        f.split(batch_sizes), c_prev, d_ms.split(batch_sizes) if ms is not None else nones))
+                        f.split(batch_sizes), c_prev))
         for t in range(len(rows) - 1, -1, -1):
-            dh, da, dcdm, f_t, c_t, dm_t = rows[t]
+            dh, da, dcdm, f_t, c_t = rows[t]
             bs = dh.size(0)
-            dm = dh if w_hr is None else torch.mm(dh, w_hr, out=dm_t)   # (bs, H)
+            dm = dh if w_hr is None else linear(dh, w_hr.t())           # (bs, H) dm = dh W_hr
             dc = torch.addcmul(dc_carry[:bs], dm, dcdm, value=4)        # (bs, H)
             da4 = da.view(bs, 4, H)
             da4[:, :3].mul_(dc.unsqueeze(1))                            # da_i, da_g; da_f needs c too:
@@ -434,12 +509,12 @@ class _LSTMLayer(torch.autograd.Function):
             da4[:, 3].mul_(dm)                                          # da_o
             torch.mul(dc, f_t, out=dc_carry[:bs])                       # dc for step t-1
             if t > 0:
-                rows[t - 1][0][:bs].addmm_(da, w_hh)                    # dh for step t-1 += da W_hh
+                addmm_(rows[t - 1][0][:bs], da, w_hh.t())               # dh for step t-1 += da W_hh
         needs = ctx.needs_input_grad
-        d_x = d_acts.mm(w_ih) if needs[0] else None                     # (T, H_in)
-        d_w_ih = d_acts.t().mm(x) if needs[1] else None                 # (4H, H_in)
+        d_x = linear(d_acts, w_ih.t()) if needs[0] else None            # (T, H_in) = d_acts W_ih
+        d_w_ih = wgrad(d_acts, x) if needs[1] else None                 # (4H, H_in)
         d_b = d_acts.sum(0) if needs[2] else None                       # (4H,)
-        d_h0 = d_acts[:N].mm(w_hh) if needs[3] else None                # (N, H_out)
+        d_h0 = linear(d_acts[:N], w_hh.t()) if needs[3] else None       # (N, H_out)
         d_c0 = dc_carry if needs[4] else None                           # (N, H)
         d_w_hh = d_w_hr = None
         if needs[5]:
@@ -449,9 +524,9 @@ class _LSTMLayer(torch.autograd.Function):
                 h_prev = hs[:-N] if h0 is None else torch.cat([h0, hs[:-N]])
             else:
                 h_prev = torch.cat(([h0] if h0 is not None else []) + _previous_rows(hs, batch_sizes))
-            d_w_hh = d_acts[N if h0 is None else 0:].t().mm(h_prev)     # (4H, H_out)
+            d_w_hh = wgrad(d_acts[N if h0 is None else 0:], h_prev)     # (4H, H_out)
         if w_hr is not None and needs[6]:
-            d_w_hr = d_h.t().mm(ms)                                     # (H_out, H)
+            d_w_hr = wgrad(d_h, ms)                                     # (H_out, H)
         return d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr, None, None
 
 

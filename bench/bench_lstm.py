@@ -25,7 +25,8 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from DIY_LSTM import my_LSTM  # noqa: E402  (the repository root is not a package)
+import DIY_LSTM  # noqa: E402  (the repository root is not a package)
+from DIY_LSTM import my_LSTM  # noqa: E402
 
 # the issue's targets: my_LSTM time / nn.LSTM time at most this (None: report only)
 TARGETS = {'cpu': {'a': 0.75, 'b': 1.05, 'c': 0.5}, 'cuda': {'a': 2.0, 'c': None}}
@@ -118,6 +119,9 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="cpu, or cuda (adds case (d) against cuDNN). Default: cuda if available, else cpu")
     parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads for the CPU cases. Default: 2')
+    parser.add_argument('--cpu_matmul', default='auto', choices=['auto', 'mkl', 'onednn'],
+                        help="library for my_LSTM's float32 CPU matmuls (DIY_LSTM.CPU_MATMUL): auto picks "
+                             "oneDNN on AMD CPUs and MKL elsewhere. Default: auto")
     parser.add_argument('--tf32', type=int, default=0, choices=[0, 1],
                         help='allow TF32 on CUDA, for matmuls and cuDNN alike. Default: 0')
     parser.add_argument('--rounds', type=int, default=11, help='timed rounds; the median is reported. Default: 11')
@@ -140,6 +144,7 @@ def main(argv=None):
     print(vars(args))
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    DIY_LSTM.CPU_MATMUL = args.cpu_matmul
     devices = [torch.device('cpu')]
     if args.device.startswith('cuda'):
         # matched precision: cuDNN's RNN and our matmuls both use TF32, or neither does
@@ -163,6 +168,7 @@ def main(argv=None):
     cpu = torch.backends.cpu.get_cpu_capability()
     # the load average says whether other work shared the cores while this ran
     print(f'torch {torch.__version__}, {args.threads} threads ({os.cpu_count()} cores, {cpu}), '
+          f'my_LSTM matmuls: {DIY_LSTM.cpu_matmul(torch.zeros(1))} ({DIY_LSTM._CPU_VENDOR or "unknown vendor"}), '
           f'median of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}'
           + (f', {torch.cuda.get_device_name()}' if len(devices) > 1 else ''))
     header = ('case', 'nn.LSTM ms', 'my_LSTM ms', 'ratio', 'target', 'ok')

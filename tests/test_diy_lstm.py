@@ -79,10 +79,32 @@ CONFIGS = [dict(num_layers=nl, bidirectional=bd, proj_size=ps, bias=b)
 INPUTS = ['dense', 'dense_batch_first', 'packed_sorted', 'packed_unsorted', 'unbatched']
 
 
+@pytest.fixture(params=['mkl', 'onednn'])
+def cpu_matmul(request, monkeypatch):
+    """Run the test on each CPU matmul library my_LSTM can call (DIY_LSTM.CPU_MATMUL)."""
+    monkeypatch.setattr(DIY_LSTM, 'CPU_MATMUL', request.param)
+    if DIY_LSTM.cpu_matmul(torch.zeros(1)) != request.param:
+        pytest.skip(f'{request.param} is not available in this torch build')
+    return request.param
+
+
+@pytest.mark.skipif(DIY_LSTM._ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available()
+                    or not torch.backends.mkl.is_available(), reason='needs a torch build with oneDNN and MKL')
+def test_cpu_matmul_auto_follows_the_vendor(monkeypatch):
+    x = torch.zeros(2, 3)
+    for vendor, expected in (('AuthenticAMD', 'onednn'), ('GenuineIntel', 'mkl'), ('', 'mkl')):
+        monkeypatch.setattr(DIY_LSTM, '_CPU_VENDOR', vendor)
+        assert DIY_LSTM.cpu_matmul(x) == expected, vendor
+    assert DIY_LSTM.cpu_matmul(x.double()) == 'torch'             # float32 only
+    monkeypatch.setattr(DIY_LSTM, 'CPU_MATMUL', 'blas')
+    with pytest.raises(ValueError, match="CPU_MATMUL must be 'auto', 'mkl' or 'onednn', got 'blas'"):
+        my_LSTM(H_IN, H)(torch.randn(3, 2, H_IN))
+
+
 @pytest.mark.parametrize('with_hx', [False, True], ids=['no_hx', 'hx'])
 @pytest.mark.parametrize('kind', INPUTS)
 @pytest.mark.parametrize('cfg', CONFIGS, ids=lambda c: '-'.join(f'{k}={int(v)}' for k, v in c.items()))
-def test_matches_nn_lstm(cfg, kind, with_hx):
+def test_matches_nn_lstm(cfg, kind, with_hx, cpu_matmul):
     torch.manual_seed(0)
     batch_first = kind == 'dense_batch_first'
     ref = nn.LSTM(H_IN, H, batch_first=batch_first, **cfg)
@@ -156,7 +178,7 @@ def test_gradcheck_dense_bias_free():
 
 
 @pytest.mark.parametrize('proj_size', [0, 3])
-def test_fused_layer_equals_per_gate_cell(proj_size):
+def test_fused_layer_equals_per_gate_cell(proj_size, cpu_matmul):
     """lstm_layer (concatenated weights, hand-written backward) == my_LSTMCell, step by step."""
     torch.manual_seed(0)
     cell = my_LSTMCell(H_IN, H, proj_size=proj_size)
@@ -179,6 +201,7 @@ def test_fused_layer_equals_per_gate_cell(proj_size):
 def test_packed_gemm_steps_match_nn_lstm(kind, monkeypatch):
     """The forward's per-step matmul on MKL's packed W_hh (steps with the whole batch) and
     plain addmm_ (the shrinking steps of a packed batch) agree with nn.LSTM, gradients included."""
+    monkeypatch.setattr(DIY_LSTM, 'CPU_MATMUL', 'mkl')
     rows = []
     mkl_linear = DIY_LSTM._MKL_LINEAR
     monkeypatch.setattr(DIY_LSTM, '_MKL_LINEAR', lambda x, *args: rows.append(x.size(0)) or mkl_linear(x, *args))
@@ -217,7 +240,7 @@ def test_cell_matches_nn_lstmcell():
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
 
 
-def test_greedy_single_steps_equal_one_call():
+def test_greedy_single_steps_equal_one_call(cpu_matmul):
     """DecoderRNN.sample feeds (N, 1, E) steps and carries the state, under no_grad."""
     torch.manual_seed(0)
     m = my_LSTM(H_IN, H, num_layers=2, batch_first=True)
