@@ -282,7 +282,7 @@ def _check_sizes(cls, input_size, hidden_size, proj_size):
 # --- the layer's matmuls -----------------------------------------------------------------
 # XXX: on the CPU, which library multiplies the float32 matrices matters as much as anything
 # else in this file. PyTorch's matmuls call MKL; nn.LSTM's CPU kernel calls oneDNN. MKL is
-# Intel's: on the lab's Xeon (AVX512) it is as fast as oneDNN or faster at the LSTM's shapes,
+# Intel's: on a 2-core Xeon (AVX512) it is as fast as oneDNN or faster at the LSTM's shapes,
 # and its packed GEMM (_step_matmul) beats both for the per-step product. On AMD CPUs MKL
 # takes slower code paths: on an AMD EPYC (AVX512) oneDNN's matmul measured 1.1x to 2.4x
 # faster at batch 1 to 128. So CPU_MATMUL = 'auto' calls oneDNN on AMD CPUs and MKL (through
@@ -365,12 +365,12 @@ def _step_matmul(w, n, uses, addmm_):
 
     Every step multiplies by the same w (4H, H_out), so on MKL it is worth doing what
     oneDNN's RNN (nn.LSTM's CPU kernel) does: reorder w once into the GEMM kernel's own
-    blocked layout, instead of letting every step's sgemm repack it. On the lab's 2-core Xeon
-    that makes the 22 (128, 512) x (512, 2048) steps of bench case (b) ~10% faster. MKL's
-    packed layout is made for one row count n, so only steps with n rows use it (all of a
-    dense batch, the first steps of a packed one); packing costs about one step, hence
-    `uses`. The backward's da W_hh is left to addmm_: it would need W_hh^T packed, and the
-    transpose costs as much as packing saves (measured).
+    blocked layout, instead of letting every step's sgemm repack it. On a 2-core Xeon (AVX512)
+    that takes ~6% off the 22 (128, 512) x (512, 2048) steps of bench case (b), packing
+    included. MKL's packed layout is made for one row count n, so only steps with n rows use
+    it (all of a dense batch, the first steps of a packed one); packing costs about one
+    step, hence `uses`. The backward's da W_hh is left to addmm_: it would need W_hh^T
+    packed, and transposing W_hh costs more than packing saves (measured).
     """
     if _MKL_PACK is not None and uses >= 4 and cpu_matmul(w) == 'mkl':
         packed = _MKL_PACK(w, n)
