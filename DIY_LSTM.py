@@ -323,15 +323,15 @@ def cpu_matmul(t):
     return 'mkl' if torch.backends.mkl.is_available() else 'torch'
 
 
-def _matmuls(t):
-    """The layer's matmuls for tensors like t, as (linear, addmm_, wgrad):
+def _matmuls(lib):
+    """The layer's matmuls on library lib (from cpu_matmul), as (linear, addmm_, wgrad):
         linear(x, w, b=None) = x @ w^T + b      (F.linear; w may be a transposed view)
         addmm_(out, x, w):      out += x @ w^T, in place
         wgrad(d, x)           = d^T @ x         (a weight gradient: d (T, out), x (T, in))
     None of them records an autograd graph (oneDNN's op has no backward): the layer only
     calls them inside its own autograd Function, or without a graph.
     """
-    if cpu_matmul(t) == 'onednn':
+    if lib == 'onednn':
         return _onednn_linear, _onednn_addmm_, _onednn_wgrad
     return _linear, _addmm_, _wgrad
 
@@ -360,8 +360,9 @@ def _onednn_wgrad(d, x):
     return _onednn_linear(x.t().contiguous(), d.t()).t()    # as (x^T d)^T: the layout oneDNN is fastest at
 
 
-def _step_matmul(w, n, uses, addmm_):
-    """step_(out, x): out += x @ w^T, in place, for the forward's per-step matmul.
+def _step_matmul(w, n, uses, lib, addmm_):
+    """step_(out, x): out += x @ w^T, in place, for the forward's per-step matmul on library lib
+    (from cpu_matmul), falling back to addmm_ (from _matmuls).
 
     Every step multiplies by the same w (4H, H_out), so on MKL it is worth doing what
     oneDNN's RNN (nn.LSTM's CPU kernel) does: reorder w once into the GEMM kernel's own
@@ -372,7 +373,7 @@ def _step_matmul(w, n, uses, addmm_):
     step, hence `uses`. The backward's da W_hh is left to addmm_: it would need W_hh^T
     packed, and transposing W_hh costs more than packing saves (measured).
     """
-    if _MKL_PACK is not None and uses >= 4 and cpu_matmul(w) == 'mkl':
+    if _MKL_PACK is not None and uses >= 4 and lib == 'mkl':
         packed = _MKL_PACK(w, n)
 
         def step_(out, x):
@@ -417,7 +418,7 @@ def _step(x, h, c, w_joint, b, w_hr):
     x (N, H_in), h (N, H_out), c (N, H); w_joint = [W_ih | W_hh] (4H, H_in + H_out) takes
     both sides in one matmul, ~20% faster than two at batch 1.
     """
-    linear = _matmuls(x)[0]
+    linear = _matmuls(cpu_matmul(x))[0]
     a = linear(torch.cat([x, h], 1), w_joint, b)                           # (N, 4H), from [x | h] (N, H_in + H_out)
     return _cell(a, c, w_hr=w_hr, linear=linear)
 
@@ -431,7 +432,8 @@ def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):
     T, H = x.size(0), w_hh.size(0) // 4
     # (T, 4H) the input side of every step; the loop adds the hidden side in place, and
     # then holds the gates i, f, s, o with g = 2s - 1
-    linear, addmm_, _ = _matmuls(x)
+    lib = cpu_matmul(x)
+    linear, addmm_, _ = _matmuls(lib)
     acts = linear(x, w_ih, b)
     cs = x.new_empty(T, H)                           # (T, H) memory c(t)
     rs = x.new_empty(T, H)                           # (T, H) r = sigmoid(-2c), tanh(c) = 1 - 2r
@@ -439,7 +441,7 @@ def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):
     ms = x.new_empty(T, H) if w_hr is not None else None  # (T, H) o * tanh(c) before the projection
     h, c = h0, c0
     full = sum(bs == batch_sizes[0] for bs in batch_sizes) - (h is None)  # steps with the whole batch
-    step_ = _step_matmul(w_hh, batch_sizes[0], full, addmm_)
+    step_ = _step_matmul(w_hh, batch_sizes[0], full, lib, addmm_)
     nones = [None] * len(batch_sizes)
     steps = zip(acts.split(batch_sizes), cs.split(batch_sizes), rs.split(batch_sizes), hs.split(batch_sizes),
                 ms.split(batch_sizes) if ms is not None else nones)
@@ -494,7 +496,7 @@ class _LSTMLayer(torch.autograd.Function):
         else:
             d_h.index_add_(0, last, d_hn)
         dc_carry = d_cn.clone(memory_format=torch.contiguous_format)    # (N, H) dc' from later steps / c_n
-        linear, addmm_, wgrad = _matmuls(d_acts)
+        linear, addmm_, wgrad = _matmuls(cpu_matmul(d_acts))
         c_prev = [c0] + _previous_rows(cs, batch_sizes)                 # each step's previous memory
         rows = list(zip(d_h.split(batch_sizes), d_acts.split(batch_sizes), dc_dm.split(batch_sizes),
                         f.split(batch_sizes), c_prev))
