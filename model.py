@@ -6,6 +6,8 @@ This file only defines modules: no argparse, no paths, no file I/O (checkpoint.p
 loads and saves them). Submodule names are the tutorial's (`resnet`, `linear`, `bn`,
 `embed`, `lstm`, `linear`) so its published checkpoints load unchanged.
 """
+import hashlib
+
 import torch
 import torch.nn as nn
 import torchvision.models as models
@@ -70,6 +72,18 @@ class EncoderCNN(nn.Module):
 
     def forward(self, images):
         return self.project(self.extract(images))
+
+    def fingerprint(self):
+        """sha256 hex digest of the frozen ResNet's parameters and buffers (BatchNorm statistics
+        included): names its exact weights, e.g. to key the feature cache or to check that a
+        rebuilt 'random:seed=0' ResNet (another torch version may initialise differently) is
+        the one a checkpoint was trained with."""
+        h = hashlib.sha256()
+        for name, tensor in self.resnet.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            h.update(f'{name}:{tuple(tensor.shape)}:{tensor.dtype}'.encode())
+            h.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # raw bytes: bf16 too
+        return h.hexdigest()
 
 
 class DecoderRNN(nn.Module):

@@ -1,0 +1,90 @@
+"""Small jobs every script shares: stopping on bad input, writing files atomically, hashing files.
+
+    >>> from utils import atomic_write, fail
+    >>> with atomic_write('models/train_log.csv', 'w', newline='') as f:
+    ...     f.write('split,epoch\\n')
+    >>> fail('train.py', '--num_layers must be at least 1, got 0')   # one line on stderr, exit code 2
+
+Temporary files are named ``.NAME.PID.tmp`` beside NAME: hidden, in the same folder (so the
+rename is atomic), and tied to the process that writes them, so `remove_stale_temporaries`
+can tell a killed writer's leftovers from a live writer's file.
+"""
+import contextlib
+import hashlib
+import os
+import re
+import sys
+
+TEMPORARY = re.compile(r'^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$')
+
+
+def fail(prog, message):
+    """Bad input: one line on stderr naming the problem and the fix, exit code 2, no traceback."""
+    print(f'{prog}: error: {message}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def temporary_name(path, pid=None):
+    """'models/latest.pt' -> 'models/.latest.pt.1234.tmp' (1234: this process's pid)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f'.{name}.{os.getpid() if pid is None else pid}.tmp')
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode='wb', fsync=True, **open_kwargs):
+    """Open a temporary file beside `path`; when the block ends without an error, rename it
+    to `path` in one step, so readers see the old file or the new one, never half of one.
+
+    On any error (a full disk, Ctrl-C) the temporary file is removed and `path` is untouched.
+    fsync=True makes the contents durable before the rename (a power cut then cannot leave an
+    empty file under the final name); small files that are rewritten often may skip it.
+    The file gets the mode of any file the user creates (the umask's), whatever wrote it.
+    """
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def remove_stale_temporaries(folder):
+    """Remove the ``.NAME.PID.tmp`` files in `folder` whose writing process is gone (killed
+    mid-write); returns their names. A live process's temporary file is left alone."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(folder):
+            match = TEMPORARY.match(name)
+            if match and not pid_alive(int(match['pid'])):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    removed.append(name)
+    return removed
+
+
+def pid_alive(pid):
+    """Is process `pid` running (on this machine)?"""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def file_sha256(path):
+    """The sha256 hex digest of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
