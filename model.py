@@ -159,6 +159,19 @@ class DecoderRNN(nn.Module):
         return torch.stack(sampled_ids, 1)                 # (N, max_seg_length)
 
     @torch.no_grad()
+    def generate(self, features, beam_size=1, length_penalty=0.0, max_seq_length=None):
+        """Caption (N, E) features: a list of N lists of token ids (greedy: all max_seg_length
+        of them; beam search: up to <end>); ``vocab.decode`` cuts after <end> and makes text.
+
+        beam_size=1 with the model's own max_seq_length is sample(), the tutorial's greedy
+        decoding, token for token; anything else is beam_search().
+        """
+        if beam_size == 1 and max_seq_length is None:
+            return self.sample(features).tolist()
+        return self.beam_search(features, beam_size=beam_size, max_length=max_seq_length,
+                                length_penalty=length_penalty)
+
+    @torch.no_grad()
     def beam_search(self, features, beam_size=3, max_length=None, length_penalty=0.0, end_id=2,
                     return_scores=False):
         r"""Beam search: the `beam_size` most likely captions, kept for every image at once.

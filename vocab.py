@@ -73,6 +73,23 @@ class Vocabulary:
         """idx2word as a list in id order: what a checkpoint stores, and from_words() reads."""
         return [self.idx2word[i] for i in range(len(self))]
 
+    def decode(self, ids, markers=True):
+        """Token ids -> text, cut after the first <end>.
+
+        markers=True keeps <start> and <end>, the tutorial's sample.py format:
+        '<start> a dog runs . <end>'. markers=False drops <pad>, <start> and <end>, what
+        caption metrics compare: 'a dog runs .' (<unk> stays: an unknown word still costs
+        its n-grams).
+        """
+        words = []
+        for i in ids:
+            word = self.idx2word[int(i)]
+            if markers or word not in SPECIAL_TOKENS[:3]:
+                words.append(word)
+            if word == '<end>':
+                break
+        return ' '.join(words)
+
     @classmethod
     def from_words(cls, words):
         """The vocabulary whose ids are the positions in words, so from_words(v.words()) == v.
