@@ -13,6 +13,7 @@ from PIL import Image
 import build_vocab
 import resize
 from conftest import REPO, TUTORIAL_VOCABULARY, run
+from data_loader import existing_images, load_coco
 from vocab import SPECIAL_TOKENS, Vocabulary, load_vocab, save_vocab, tokenize
 
 # counts with threshold 2: a 5, '.' 4, dog 3, cat 2, sleeps 2; runs, and, the, '!', bird 1
@@ -310,3 +311,98 @@ def test_resize_bad_input(tmp_path):
     with pytest.raises(SystemExit) as e:
         resize.main(['--image_dir', str(missing), '--image_size', '0'])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------
+# data_loader.load_coco and existing_images: every script reads caption files through them
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def test_load_coco_reads_a_caption_file(caption_file, capsys):
+    coco = load_coco(str(caption_file))
+    assert sorted(coco.anns) == [10 + i for i in range(len(CAPTIONS))] and coco.path == str(caption_file)
+    assert coco.loadImgs(2)[0]['file_name'] == '2.jpg'
+    assert 'loading annotations into memory...' in capsys.readouterr().out, "pycocotools' line, as users know it"
+
+
+@pytest.mark.parametrize('content,words', [
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 2, "image_id"',
+     ['not valid JSON', 'truncated', 'annotations_trainval2014.zip']),
+    (json.dumps([{'id': 1}]), ['JSON object', 'got a list', 'captions_']),
+    (json.dumps({'images': []}), ["no 'annotations' list"]),
+    (json.dumps({'annotations': [{'id': 1, 'image_id': 1, 'caption': 'a'}]}), ["no 'images' list"]),
+    (json.dumps({'images': [{'id': 1, 'file_name': 'a.jpg'}],
+                 'annotations': [{'id': 5, 'image_id': 424242, 'caption': 'a dog'}]}),
+     ['annotation 5', 'image_id 424242', 'not among its 1 images']),
+    (json.dumps({'images': [{'id': 1, 'file_name': 'a.jpg'}], 'annotations': []}), ["'annotations' list is empty"]),
+    (json.dumps({'images': [{'id': 1, 'file_name': 'a.jpg'}], 'annotations': [{'id': 5, 'image_id': 1}]}),
+     ["no 'caption'"]),
+])
+def test_load_coco_refuses_bad_caption_files_in_one_line(tmp_path, content, words):
+    path = tmp_path / 'captions.json'
+    path.write_text(content)
+    with pytest.raises(ValueError) as e:
+        load_coco(str(path))
+    message = str(e.value)
+    assert '\n' not in message and str(path) in message and all(w in message for w in words), message
+
+
+def test_load_coco_missing_file_says_where_captions_come_from(tmp_path):
+    with pytest.raises(FileNotFoundError, match='annotations_trainval2014.zip'):
+        load_coco(str(tmp_path / 'captions_train2014.json'))
+
+
+def test_existing_images_skips_a_few_missing_and_refuses_most(tmp_path, capsys):
+    images = [{'id': i, 'file_name': f'{i}.png'} for i in range(4)] + [{'id': 9, 'file_name': 'uncaptioned.png'}]
+    anns = [{'id': 10 + i, 'image_id': i % 4, 'caption': 'a dog'} for i in range(8)]
+    coco = load_coco(write_json(tmp_path / 'c.json', {'images': images, 'annotations': anns}))
+    root = tmp_path / 'resized'
+    root.mkdir()
+    for i in (0, 1, 3):
+        Image.new('RGB', (8, 8)).save(root / f'{i}.png')
+    capsys.readouterr()
+    assert existing_images(coco, str(root)) == [0, 1, 3]
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith('note: 1 of 4 pictures') and str(root / '2.png') in note[0], note
+    os.remove(root / '0.png')
+    assert existing_images(coco, str(root)) == [1, 3], 'half missing: still a few'
+    os.remove(root / '1.png')
+    with pytest.raises(FileNotFoundError) as e:
+        existing_images(coco, str(root))
+    assert str(e.value).startswith(f'3 of 4 pictures of {tmp_path / "c.json"} are not in {root}: resize them first')
+    assert f'python resize.py --image_dir' in str(e.value) and f'--output_dir {root}' in str(e.value)
+
+
+def test_coco_dataset_leaves_out_missing_pictures_and_checks_the_crop(tmp_path, capsys):
+    from data_loader import CocoDataset, image_transform
+    images = [{'id': i, 'file_name': f'{i}.png'} for i in range(3)]
+    anns = [{'id': 10 + i, 'image_id': i % 3, 'caption': 'a dog'} for i in range(6)]
+    path = write_json(tmp_path / 'c.json', {'images': images, 'annotations': anns})
+    root = tmp_path / 'resized'
+    root.mkdir()
+    for i in (0, 2):
+        Image.new('RGB', (40, 40)).save(root / f'{i}.png')
+    vocab = Vocabulary.from_words(['a', 'dog'])
+    dataset = CocoDataset(str(root), path, vocab, image_transform(32, train=True))
+    assert dataset.item_image_ids() == [0, 2, 0, 2] and len(dataset) == 4
+    assert all(dataset[i][0].shape == (3, 32, 32) for i in range(4))
+    with pytest.raises(ValueError) as e:
+        CocoDataset(str(root), path, vocab, image_transform(48, train=True))
+    assert 'are 40 x 40' in str(e.value) and '--crop_size 40 or less' in str(e.value) and '\n' not in str(e.value)
+    # one odd picture in a raw folder is scaled up to the crop, not a crash
+    Image.new('RGB', (10, 4000)).save(root / '2.png')
+    assert dataset[1][0].shape == (3, 32, 32)
+    Image.new('RGB', (1, 1)).save(root / '2.png')
+    assert dataset[1][0].shape == (3, 32, 32)
+
+
+def test_load_image_scales_small_pictures_up(tmp_path):
+    from data_loader import load_image
+    for size in ((1, 1), (10, 4000), (4000, 10)):
+        Image.new('RGB', size, 'red').save(tmp_path / 'odd.png')
+        assert load_image(str(tmp_path / 'odd.png'), 24, 32).shape == (1, 3, 32, 32)
+        assert load_image(str(tmp_path / 'odd.png'), 40, 32).shape == (1, 3, 32, 32)
