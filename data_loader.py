@@ -6,7 +6,10 @@ A batch is what DecoderRNN wants, longest caption first:
     captions: LongTensor (N, L)       [<start>, w1, ..., wn, <end>, <pad>, ...]
     lengths : list of N ints          non-increasing, <start> and <end> included
 """
+import json
 import os
+import sys
+import time
 import zlib
 
 import torch
@@ -21,15 +24,122 @@ from vocab import tokenize
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+COCO_ANNOTATIONS_URL = 'http://images.cocodataset.org/annotations/annotations_trainval2014.zip'
+
+
+def load_coco(json_path):
+    """Read a COCO caption file into a pycocotools COCO object, checked first.
+
+    pycocotools trusts the file: a truncated download, a JSON list or an annotation of an
+    image the file does not list fail later with a bare JSONDecodeError, AssertionError or
+    KeyError. Here each is one ValueError naming the file and the fix, and a missing file
+    is a FileNotFoundError saying where COCO's caption files come from.
+    The COCO object remembers the file as ``coco.path``.
+    """
+    fix = f'download it again ({COCO_ANNOTATIONS_URL}, unzip into data/) or pass another caption file'
+    if not os.path.isfile(json_path):
+        raise FileNotFoundError(f'caption file {json_path} not found: download {COCO_ANNOTATIONS_URL} and unzip it '
+                                f'into data/ (it holds data/annotations/captions_train2014.json and _val2014.json)')
+    print('loading annotations into memory...')  # pycocotools' own lines, which users know
+    tic = time.time()
+    try:
+        with open(json_path, encoding='utf-8') as f:
+            dataset = json.load(f)
+    except UnicodeDecodeError:
+        raise ValueError(f'{json_path} is not a COCO caption file (not UTF-8 text): {fix}') from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{json_path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; '
+                         f'truncated?): {fix}') from None
+    problem = _coco_problem(dataset)
+    if problem:
+        raise ValueError(f'{json_path} is not a COCO caption file: {problem}')
+    print(f'Done (t={time.time() - tic:0.2f}s)')
+    coco = COCO()
+    coco.dataset = dataset
+    coco.createIndex()
+    coco.path = json_path
+    return coco
+
+
+def _coco_problem(dataset):
+    """What makes a parsed JSON file unusable as COCO captions, with the fix; None when fine."""
+    example = 'pass a captions_*.json file such as data/annotations/captions_train2014.json'
+    if not isinstance(dataset, dict):
+        return f"expected a JSON object with 'images' and 'annotations', got a {type(dataset).__name__}: {example}"
+    lacking = [key for key in ('images', 'annotations') if not isinstance(dataset.get(key), list)]
+    if lacking:
+        return f"it has no {' or '.join(repr(k) for k in lacking)} list: {example}"
+    images, annotations = dataset['images'], dataset['annotations']
+    if not annotations:
+        return f"its 'annotations' list is empty, so there is nothing to learn from: {example}"
+    for image in images:
+        if not isinstance(image, dict) or 'id' not in image or 'file_name' not in image:
+            return f"an image lacks 'id' or 'file_name' ({str(image)[:60]}): {example}"
+    for ann in annotations:
+        if not isinstance(ann, dict) or 'id' not in ann or 'image_id' not in ann:
+            return f"an annotation lacks 'id' or 'image_id' ({str(ann)[:60]}): {example}"
+        if 'caption' not in ann:  # e.g. instances_train2014.json
+            return f"annotation {ann['id']} has no 'caption' (an instances or keypoints file?): {example}"
+    ids = {image['id'] for image in images}
+    strays = [ann for ann in annotations if ann['image_id'] not in ids]
+    if strays:
+        return (f"annotation {strays[0]['id']} (and {len(strays) - 1} more) names image_id "
+                f"{strays[0]['image_id']}, which is not among its {len(ids)} images: remove those annotations "
+                f"or download the file again")
+    return None
+
+
+def existing_images(coco, root):
+    """Sorted ids of the captioned images of `coco` whose file is in `root`.
+
+    A few missing pictures (resize.py skips corrupt ones) are left out with a note on
+    stderr; when more than half are missing, the folder is not the resized one: raises
+    FileNotFoundError saying how to make it.
+    """
+    captioned = sorted(i for i in coco.imgToAnns if coco.imgToAnns[i])
+    missing = [i for i in captioned if not os.path.isfile(os.path.join(root, coco.imgs[i]['file_name']))]
+    where = getattr(coco, 'path', 'the caption file')
+    if 2 * len(missing) > len(captioned):
+        raise FileNotFoundError(
+            f'{len(missing)} of {len(captioned)} pictures of {where} are not in {root}: resize them first: '
+            f'python resize.py --image_dir <folder of the original pictures> --output_dir {root}')
+    if missing:
+        first = os.path.join(root, coco.imgs[missing[0]]['file_name'])
+        print(f'note: {len(missing)} of {len(captioned)} pictures of {where} are not in {root} (e.g. {first}, '
+              f'which resize.py may have skipped as corrupt); their captions are left out', file=sys.stderr)
+    gone = set(missing)
+    return [i for i in captioned if i not in gone]
+
+
+class AtLeast:
+    """Scale a picture smaller than `size` (on either side) up until it fits a size x size crop,
+    keeping its aspect ratio; larger pictures pass unchanged. RandomCrop would raise on them,
+    and CenterCrop would pad them with black."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image):
+        width, height = image.size
+        if width >= self.size and height >= self.size:
+            return image
+        scale = self.size / min(width, height)
+        return image.resize((max(self.size, round(width * scale)), max(self.size, round(height * scale))),
+                            Image.Resampling.LANCZOS)
+
+    def __repr__(self):
+        return f'AtLeast({self.size})'
+
 
 def image_transform(crop_size, train):
     """Preprocessing of a resized image (resize.py made it image_size x image_size).
 
     train=True is the tutorial's augmentation (random crop and flip);
     train=False is the deterministic centre crop used for validation and sampling.
+    A picture smaller than the crop (an odd one in a raw folder) is scaled up first.
     """
     crop = [T.RandomCrop(crop_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(crop_size)]
-    return T.Compose(crop + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([AtLeast(crop_size)] + crop + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def to_rgb(image):
@@ -54,9 +164,20 @@ def open_rgb(path):
 
 def load_image(path, image_size, crop_size):
     """Sample-time preprocessing, the same as validation's: resize.py's square resize,
-    then the centre crop. Returns a (1, 3, crop_size, crop_size) tensor."""
-    image = open_rgb(path).resize((image_size, image_size), Image.Resampling.LANCZOS)
+    then the centre crop. Returns a (1, 3, crop_size, crop_size) tensor.
+
+    A model whose image_size is below its crop_size gets its pictures scaled to the crop."""
+    side = max(image_size, crop_size)
+    image = open_rgb(path).resize((side, side), Image.Resampling.LANCZOS)
     return image_transform(crop_size, train=False)(image).unsqueeze(0)
+
+
+def crop_size_of(transform):
+    """The side of the crop a transform takes (RandomCrop or CenterCrop), or None."""
+    for t in getattr(transform, 'transforms', [transform]):
+        if isinstance(t, (T.RandomCrop, T.CenterCrop)):
+            return max(t.size)
+    return None
 
 
 def encode_caption(caption, vocab):
@@ -71,12 +192,27 @@ class CocoDataset(data.Dataset):
     Random augmentation is seeded by (seed, epoch, index), not by the worker's random
     state, so a resumed run sees exactly the crops the interrupted one would have,
     whatever the number of workers. Call ``set_epoch`` before each epoch.
+
+    Captions of pictures missing from `root` are left out (see `existing_images`). When
+    the transform crops, the first picture is checked to be at least as large as the crop.
+    Raises FileNotFoundError or ValueError (one line each) for a bad caption file or folder.
     """
 
     def __init__(self, root, json, vocab, transform=None, seed=0):
         self.root = root
-        self.coco = COCO(json)
-        self.ids = sorted(self.coco.anns.keys())
+        self.coco = load_coco(json)
+        present = set(existing_images(self.coco, root))
+        self.ids = sorted(i for i, ann in self.coco.anns.items() if ann['image_id'] in present)
+        crop = crop_size_of(transform)
+        if crop is not None and present:
+            first = os.path.join(root, self.coco.imgs[min(present)]['file_name'])
+            with Image.open(first) as image:
+                width, height = image.size
+            if min(width, height) < crop:
+                raise ValueError(
+                    f'CocoDataset: the pictures in {root} are {width} x {height} (e.g. {first}), smaller than the '
+                    f'{crop} x {crop} crop: pass --crop_size {min(width, height)} or less, or resize them with '
+                    f'python resize.py --image_size {max(crop, 256)} --output_dir {root}')
         self.vocab = vocab
         self.transform = transform
         self.seed = seed
