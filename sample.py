@@ -3,7 +3,7 @@
     $ python sample.py --image=png/example.png
     <start> a group of giraffes standing in a field . <end>
 
-With no path flags it uses the newest checkpoint train.py wrote in --model_path (or, when
+With no path flags it uses train.py's checkpoint in --model_path, named on stderr (or, when
 there is none, the tutorial's pretrained files at their tutorial paths). --image takes one
 or more pictures or folders; --output DIR writes each picture with its caption under it.
 """
@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from checkpoint import EncoderWeightsError, add_model_args, load_captioner
 from data_loader import load_image, open_rgb
+from utils import atomic_write, fail, temporary_name
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 # where the tutorial's README put its pretrained model
@@ -23,7 +24,7 @@ TUTORIAL_FILES = ('models/encoder-5-3000.pkl', 'models/decoder-5-3000.pkl', 'dat
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    parser = argparse.ArgumentParser(prog='sample.py', description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--image', type=str, nargs='+', required=True, help='pictures or folders to caption')
     # model: a checkpoint of train.py, or the tutorial's three files
@@ -32,16 +33,18 @@ def get_args(argv=None):
     parser.add_argument('--beam_size', type=int, default=1, help='1: greedy, the tutorial\'s decoding')
     parser.add_argument('--length_penalty', type=float, default=0.0,
                         help='beam search ranks by log p / length**alpha (0: plain log p)')
-    parser.add_argument('--max_length', type=int, default=None, help='longest caption (default: the model\'s, 20)')
+    parser.add_argument('--max_seq_length', '--max_length', type=int, default=None,
+                        help="longest caption in tokens, <start> and <end> included; not given: the model's (20)")
     # output
     parser.add_argument('--output', type=str, default=None, help='folder for the captioned pictures (PNG)')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', type=int, default=0, help='seeds torch (decoding itself is deterministic)')
+    parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help="'cpu', 'cuda', 'cuda:1', 'mps'")
     args = parser.parse_args(argv)
     if args.beam_size < 1:
         parser.error(f'--beam_size must be at least 1, got {args.beam_size}')
-    if args.max_length is not None and args.max_length < 1:
-        parser.error(f'--max_length must be at least 1, got {args.max_length}')
+    if args.max_seq_length is not None and args.max_seq_length < 1:
+        parser.error(f'--max_seq_length must be at least 1, got {args.max_seq_length}')
     given = [p is not None for p in (args.encoder_path, args.decoder_path, args.vocab_path)]
     if any(given) and args.checkpoint:
         parser.error('give either --checkpoint or --encoder_path/--decoder_path/--vocab_path, not both')
@@ -59,25 +62,13 @@ def find_images(paths):
     return images
 
 
-def caption_text(ids, vocab):
-    """Token ids -> '<start> a dog . <end>', cut after the first <end> (the tutorial's format)."""
-    words = []
-    for i in ids:
-        words.append(vocab.idx2word[int(i)])
-        if words[-1] == '<end>':
-            break
-    return ' '.join(words)
-
-
-def caption_images(captioner, images, device, beam_size=1, length_penalty=0.0, max_length=None):
+def caption_images(captioner, images, device, beam_size=1, length_penalty=0.0, max_seq_length=None):
     """Caption a list of (1, 3, crop, crop) tensors in one batch; returns token id lists."""
-    batch = torch.cat(images).to(device)
+    batch = torch.cat(images).to(device)  # (N, 3, crop, crop)
     with torch.no_grad():
         features = captioner.encoder(batch)  # (N, E)
-        if beam_size == 1 and max_length is None:
-            return captioner.decoder.sample(features).tolist()
-        return captioner.decoder.beam_search(features, beam_size=beam_size, max_length=max_length,
-                                             length_penalty=length_penalty)
+        return captioner.decoder.generate(features, beam_size=beam_size, length_penalty=length_penalty,
+                                          max_seq_length=max_seq_length)
 
 
 def draw_caption(path, caption, out_path):
@@ -100,10 +91,26 @@ def draw_caption(path, caption, out_path):
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
         draw.text((10, image.height + 5 + 24 * i), line, fill='black', font=font)
-    tmp = out_path + '.tmp'
-    canvas.save(tmp, format='PNG')
-    os.replace(tmp, out_path)
+    with atomic_write(out_path) as f:
+        canvas.save(f, format='PNG')
     return canvas
+
+
+def check_writable(folder):
+    """None if files can be written into `folder`, else why not. A missing folder is not made
+    here: its nearest existing parent is tried instead."""
+    while not os.path.exists(folder) and os.path.dirname(os.path.abspath(folder)) != os.path.abspath(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(folder):
+        return f'{folder} is not a folder'
+    try:
+        probe = temporary_name(os.path.join(folder, 'probe'))
+        with open(probe, 'wb'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def use_tutorial_files(model_path):
@@ -118,19 +125,21 @@ def main(argv=None):
     device = torch.device(args.device)
     paths = find_images(args.image)
     if not paths:
-        sys.exit(f'sample.py: error: no pictures in {" ".join(args.image)}')
+        fail('sample.py', f'no pictures in {" ".join(args.image)}: give picture files or folders holding '
+                          f'{", ".join(IMAGE_EXTENSIONS[:3])} ... files')
 
-    # Open every picture first: a bad one stops the run before a model is built
+    # Open every picture and check the output folder first: a bad one stops the run before a model is built
     for path in paths:
         try:
             open_rgb(path)
         except FileNotFoundError:
-            print(f'sample.py: error: {path} not found: give the path of a picture', file=sys.stderr)
-            sys.exit(2)
+            fail('sample.py', f'{path} not found: give the path of a picture')
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            print(f'sample.py: error: {path} is not a picture Pillow can read ({type(e).__name__}): '
-                  f'give a JPEG or PNG file', file=sys.stderr)
-            sys.exit(2)
+            fail('sample.py', f'{path} is not a picture Pillow can read ({type(e).__name__}): give a JPEG or PNG file')
+    if args.output:
+        why = check_writable(args.output)
+        if why:
+            fail('sample.py', f'cannot write into --output {args.output} ({why}): pass a folder you can write to')
 
     kw = dict(encoder_path=args.encoder_path, decoder_path=args.decoder_path, vocab_path=args.vocab_path)
     if args.checkpoint is None and not any(kw.values()) and use_tutorial_files(args.model_path):
@@ -139,22 +148,25 @@ def main(argv=None):
         captioner = load_captioner(checkpoint=args.checkpoint, model_path=args.model_path,
                                    encoder_weights=args.encoder_weights, device=device, **kw)
     except (FileNotFoundError, ValueError, EncoderWeightsError) as e:
-        print(f'sample.py: error: {e}', file=sys.stderr)
-        sys.exit(2)
+        fail('sample.py', e)
+    print(f'model: {captioner.source}', file=sys.stderr)  # stderr: stdout holds only the captions
 
     tensors = [load_image(p, captioner.image_size, captioner.crop_size) for p in paths]
     captions = []
     for i in range(0, len(tensors), 32):  # batches of 32 pictures
         captions += caption_images(captioner, tensors[i:i + 32], device, args.beam_size,
-                                   args.length_penalty, args.max_length)
+                                   args.length_penalty, args.max_seq_length)
     if args.output:
         os.makedirs(args.output, exist_ok=True)
     for path, ids in zip(paths, captions):
-        text = caption_text(ids, captioner.vocab)
+        text = captioner.vocab.decode(ids)
         print(text if len(paths) == 1 else f'{path}: {text}')
         if args.output:
             out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + '_caption.png')
-            canvas = draw_caption(path, text, out)
+            try:
+                canvas = draw_caption(path, text, out)
+            except OSError as e:  # the disk filled up: the picture's temporary file is gone already
+                fail('sample.py', f'cannot write {out} ({e.strerror or e}): free some space or pass another --output')
             if os.environ.get('DISPLAY') and sys.stdout.isatty():
                 canvas.show()  # a desktop session: open it in the image viewer too
     if args.output:
