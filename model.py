@@ -168,11 +168,11 @@ class DecoderRNN(nn.Module):
         """
         if beam_size == 1 and max_seq_length is None:
             return self.sample(features).tolist()
-        return self.beam_search(features, beam_size=beam_size, max_length=max_seq_length,
+        return self.beam_search(features, beam_size=beam_size, max_seq_length=max_seq_length,
                                 length_penalty=length_penalty)
 
     @torch.no_grad()
-    def beam_search(self, features, beam_size=3, max_length=None, length_penalty=0.0, end_id=2,
+    def beam_search(self, features, beam_size=3, max_seq_length=None, length_penalty=0.0, end_id=2,
                     return_scores=False):
         r"""Beam search: the `beam_size` most likely captions, kept for every image at once.
 
@@ -181,7 +181,7 @@ class DecoderRNN(nn.Module):
         All N * K hypotheses advance together, one LSTM call per step, on the features'
         device. A hypothesis ends when it predicts `end_id`; ended ones keep their place
         in the beam (with their score) until better ones push them out, and the search
-        stops when every hypothesis of every image has ended, or after `max_length` steps.
+        stops when every hypothesis of every image has ended, or after `max_seq_length` steps.
 
         Hypotheses are ranked by ``log p / L**length_penalty``, where log p is the sum of
         the log-probabilities of the L tokens generated (the leading <start> and the final
@@ -194,7 +194,7 @@ class DecoderRNN(nn.Module):
 
         Args:
             beam_size: K, hypotheses kept per image. Default: 3
-            max_length: tokens generated at most, <start> and <end> included.
+            max_seq_length: tokens generated at most, <start> and <end> included.
                 Default: None (self.max_seg_length, as sample())
             length_penalty: alpha in the ranking above. Default: 0.0
             end_id: the id of <end>. Default: 2
@@ -213,7 +213,7 @@ class DecoderRNN(nn.Module):
         Examples::
 
             >>> decoder = DecoderRNN(8, 16, vocab_size=10, num_layers=1).eval()
-            >>> captions = decoder.beam_search(torch.randn(2, 8), beam_size=3, max_length=5)
+            >>> captions = decoder.beam_search(torch.randn(2, 8), beam_size=3, max_seq_length=5)
             >>> len(captions), all(1 <= len(c) <= 5 for c in captions)
             (2, True)
         """
@@ -221,9 +221,9 @@ class DecoderRNN(nn.Module):
             raise ValueError(f"DecoderRNN.beam_search: Expected features of shape (N, E), got {tuple(features.shape)}")
         if beam_size < 1:
             raise ValueError(f"DecoderRNN.beam_search: Expected beam_size >= 1, got {beam_size}")
-        T = self.max_seg_length if max_length is None else max_length
+        T = self.max_seg_length if max_seq_length is None else max_seq_length
         if T < 1:
-            raise ValueError(f"DecoderRNN.beam_search: Expected max_length >= 1, got {max_length}")
+            raise ValueError(f"DecoderRNN.beam_search: Expected max_seq_length >= 1, got {max_seq_length}")
         N, K, device = features.size(0), beam_size, features.device
 
         # Hypothesis k of image n is row n*K + k everywhere (features, states, scores, tokens):

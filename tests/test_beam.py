@@ -51,14 +51,14 @@ def teacher_forced_log_p(decoder, feature, sequences):
     return log_p.view(L, M).sum(0)                                   # (M,)
 
 
-def all_sequences(vocab_size, max_length):
-    """Every caption the decoder can produce in max_length steps: any tokens, stopping at
-    the first <end> or after max_length tokens."""
+def all_sequences(vocab_size, max_seq_length):
+    """Every caption the decoder can produce in max_seq_length steps: any tokens, stopping at
+    the first <end> or after max_seq_length tokens."""
     others = [v for v in range(vocab_size) if v != END]
-    for length in range(1, max_length + 1):
+    for length in range(1, max_seq_length + 1):
         for head in itertools.product(others, repeat=length - 1):
             yield list(head) + [END]
-    yield from (list(s) for s in itertools.product(others, repeat=max_length))
+    yield from (list(s) for s in itertools.product(others, repeat=max_seq_length))
 
 
 @pytest.mark.parametrize('num_layers', [1, 2])
@@ -69,17 +69,17 @@ def test_beam_size_1_is_sample_token_for_token(num_layers):
         features = torch.randn(8, 6)
         greedy = [cut_after_end(ids) for ids in decoder.sample(features).tolist()]
         assert decoder.beam_search(features, beam_size=1) == greedy
-        # and with a shorter max_length: sample()'s first tokens
+        # and with a shorter max_seq_length: sample()'s first tokens
         short = [cut_after_end(ids[:4]) for ids in decoder.sample(features).tolist()]
-        assert decoder.beam_search(features, beam_size=1, max_length=4, length_penalty=1.0) == short
+        assert decoder.beam_search(features, beam_size=1, max_seq_length=4, length_penalty=1.0) == short
         ended += sum(END in ids for ids in greedy)
         unended += sum(END not in ids for ids in greedy)
     assert ended and unended, 'the random decoders should give both kinds of caption'
 
 
-@pytest.mark.parametrize('vocab_size,max_length', [(4, 3), (5, 4)])
-def test_a_full_width_beam_finds_the_exhaustive_optimum(vocab_size, max_length):
-    sequences = [tuple(s) for s in all_sequences(vocab_size, max_length)]
+@pytest.mark.parametrize('vocab_size,max_seq_length', [(4, 3), (5, 4)])
+def test_a_full_width_beam_finds_the_exhaustive_optimum(vocab_size, max_seq_length):
+    sequences = [tuple(s) for s in all_sequences(vocab_size, max_seq_length)]
     full = len(sequences)  # wider than the beam ever needs to be: nothing is ever pruned
     by_length = {}
     for s in sequences:
@@ -98,13 +98,13 @@ def test_a_full_width_beam_finds_the_exhaustive_optimum(vocab_size, max_length):
         for alpha in (0.0, 0.5, 1.0, 2.0):
             rank = lambda n, s: log_p[n][s] / len(s) ** alpha
             optima = [max(lp, key=lambda s: rank(n, s)) for n, lp in enumerate(log_p)]
-            caps, scores = decoder.beam_search(features, beam_size=full, max_length=max_length,
+            caps, scores = decoder.beam_search(features, beam_size=full, max_seq_length=max_seq_length,
                                                length_penalty=alpha, return_scores=True)
             assert [tuple(c) for c in caps] == optima, f'seed {seed} alpha {alpha}'
             assert scores == pytest.approx([log_p[n][s] for n, s in enumerate(optima)], rel=1e-9, abs=1e-9)
             # narrower beams: some caption the model can produce, scored as the model scores it
             for k in (1, 2, 3):
-                caps, scores = decoder.beam_search(features, beam_size=k, max_length=max_length,
+                caps, scores = decoder.beam_search(features, beam_size=k, max_seq_length=max_seq_length,
                                                    length_penalty=alpha, return_scores=True)
                 for n, (cap, score) in enumerate(zip(map(tuple, caps), scores)):
                     assert cap in log_p[n]
@@ -113,7 +113,7 @@ def test_a_full_width_beam_finds_the_exhaustive_optimum(vocab_size, max_length):
                     beam_beats_greedy += k == 1 and cap != optima[n]
             if alpha == 0.0:
                 plain = optima
-                short_optimum += sum(len(s) < max_length for s in optima)
+                short_optimum += sum(len(s) < max_seq_length for s in optima)
         penalty_matters += sum(a != b for a, b in zip(plain, optima))  # alpha 0 against alpha 2
     # the cases above must include the interesting ones, or the test checks little
     assert beam_beats_greedy and penalty_matters and short_optimum, (beam_beats_greedy, penalty_matters, short_optimum)
@@ -145,8 +145,8 @@ def test_bad_arguments_raise():
     decoder = random_decoder(0, vocab_size=6)
     with pytest.raises(ValueError, match='beam_size'):
         decoder.beam_search(torch.randn(2, 6, dtype=torch.float64), beam_size=0)
-    with pytest.raises(ValueError, match='max_length'):
-        decoder.beam_search(torch.randn(2, 6, dtype=torch.float64), max_length=0)
+    with pytest.raises(ValueError, match="max_seq_length"):
+        decoder.beam_search(torch.randn(2, 6, dtype=torch.float64), max_seq_length=0)
     with pytest.raises(ValueError, match=r'\(N, E\)'):
         decoder.beam_search(torch.randn(6, dtype=torch.float64))
 
