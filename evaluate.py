@@ -12,30 +12,27 @@ Karpathy's split (the one papers report on: 5,000 val2014 images for test, 5,000
 from his dataset_coco.json, in http://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip:
 
     $ python evaluate.py --split_file data/dataset_coco.json --split test
-
-For train.py, `caption_features` turns (N, E) image features into caption strings ready for metrics.py.
 """
 import argparse
 import json
 import os
 import sys
-import tempfile
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from checkpoint import EncoderWeightsError, add_model_args, load_captioner
-from data_loader import load_image
+from data_loader import load_coco, load_image
 from metrics import format_scores, score_captions
+from utils import atomic_write, fail
 
+PROG = 'evaluate.py'
 KARPATHY_URL = 'http://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip'
-# left out of the caption text; <unk> stays, so an unknown word still costs its n-grams
-DROPPED = ('<pad>', '<start>', '<end>')
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+    parser = argparse.ArgumentParser(prog='evaluate.py', description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     parser.add_argument('--image_dir', type=str, default='data/resizedval2014', help='images made by resize.py')
@@ -54,7 +51,7 @@ def get_args(argv=None):
     parser.add_argument('--beam_size', type=int, default=3, help='hypotheses kept per image (1: greedy)')
     parser.add_argument('--length_penalty', type=float, default=0.0,
                         help='beam search ranks by log p / length**alpha (0: plain log p)')
-    parser.add_argument('--max_length', type=int, default=None,
+    parser.add_argument('--max_seq_length', '--max_length', type=int, default=None,
                         help="longest caption in tokens, <start> and <end> included; not given: the model's (20)")
     # output and speed
     parser.add_argument('--results_path', type=str, default=None,
@@ -68,8 +65,8 @@ def get_args(argv=None):
     for name in ('beam_size', 'batch_size'):
         if getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
-    if args.max_length is not None and args.max_length < 1:
-        parser.error(f'--max_length must be at least 1, got {args.max_length}')
+    if args.max_seq_length is not None and args.max_seq_length < 1:
+        parser.error(f'--max_seq_length must be at least 1, got {args.max_seq_length}')
     if args.max_images < 0:
         parser.error(f'--max_images must be 0 (all) or more, got {args.max_images}')
     if args.num_workers < 0:
@@ -85,43 +82,28 @@ def get_args(argv=None):
     return args
 
 
-def fail(message):
-    """Bad input: one line saying what is wrong and how to fix it, exit code 2, no traceback."""
-    print(f'evaluate.py: error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
 # ---------------------------------------------------------------------------
 # What to caption, and the references
 
 def read_json(path, what, fix):
     if not os.path.isfile(path):
-        fail(f'{what} {path} not found: {fix}')
+        fail(PROG, f'{what} {path} not found: {fix}')
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f'{path} is not a readable JSON file ({type(e).__name__}): {fix}')
+        fail(PROG, f'{path} is not a readable JSON file ({type(e).__name__}): {fix}')
 
 
 def load_references(caption_path):
-    """COCO caption file -> ({image_id: file_name}, {image_id: [reference captions]})."""
-    coco = read_json(caption_path, 'caption file', 'pass --caption_path (COCO\'s captions_val2014.json is in '
-                     'http://images.cocodataset.org/annotations/annotations_trainval2014.zip)')
-    if not isinstance(coco, dict) or not isinstance(coco.get('images'), list) \
-            or not isinstance(coco.get('annotations'), list):
-        fail(f"{caption_path} is not a COCO caption file (it needs 'images' and 'annotations' lists): "
-             f"pass e.g. data/annotations/captions_val2014.json")
+    """COCO caption file -> ({image_id: file_name}, {image_id: [reference captions]}), for the
+    captioned images only (an image without captions cannot be scored)."""
     try:
-        files = {int(im['id']): im['file_name'] for im in coco['images']}
-        refs = {}
-        for ann in coco['annotations']:
-            refs.setdefault(int(ann['image_id']), []).append(str(ann['caption']))
-    except (KeyError, TypeError, ValueError) as e:
-        fail(f'{caption_path}: an image or annotation lacks {e} (COCO caption files have images with id and '
-             f'file_name, annotations with image_id and caption)')
-    # an image without captions cannot be scored
-    return {i: f for i, f in files.items() if i in refs}, refs
+        coco = load_coco(caption_path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(PROG, e)
+    refs = {i: [str(a['caption']) for a in anns] for i, anns in coco.imgToAnns.items() if anns}
+    return {i: coco.imgs[i]['file_name'] for i in refs}, refs
 
 
 def karpathy_ids(split_file, split):
@@ -131,7 +113,7 @@ def karpathy_ids(split_file, split):
     try:
         return [int(im['cocoid']) for im in data['images'] if im['split'] == split]
     except (KeyError, TypeError, ValueError):
-        fail(f"{split_file} is not Karpathy's dataset_coco.json (images with 'split' and 'cocoid'): "
+        fail(PROG, f"{split_file} is not Karpathy's dataset_coco.json (images with 'split' and 'cocoid'): "
              f"use the one in {KARPATHY_URL}")
 
 
@@ -164,34 +146,19 @@ class EvalImages(Dataset):
 # ---------------------------------------------------------------------------
 # Captioning
 
-def ids_to_caption(ids, vocab):
-    """Token ids -> 'a dog runs on the grass .': cut at the first <end>, without <start>/<end>/<pad>."""
-    words = []
-    for i in ids:
-        word = vocab.idx2word[int(i)]
-        if word == '<end>':
-            break
-        if word not in DROPPED:
-            words.append(word)
-    return ' '.join(words)
+@torch.no_grad()
+def caption_features(decoder, features, vocab, beam_size=1, length_penalty=0.0, max_length=None):
+    """(N, E) image features -> N caption strings without <start>/<end>.
+
+    XXX: kept only for demo.py and train.py until they call decoder.generate and
+    vocab.decode(ids, markers=False) themselves; then remove it.
+    """
+    ids = decoder.generate(features, beam_size=beam_size, length_penalty=length_penalty, max_seq_length=max_length)
+    return [vocab.decode(c, markers=False) for c in ids]
 
 
 @torch.no_grad()
-def caption_features(decoder, features, vocab, beam_size=1, length_penalty=0.0, max_length=None):
-    """Caption (N, E) image features: N strings without <start>/<end>, ready for metrics.py.
-
-    For train.py's model selection too, e.g. on cached validation features::
-
-        captions = caption_features(decoder, encoder.project(feats), vocab)   # greedy
-        bleu = metrics.bleu4({i: refs[i] for i in ids}, dict(zip(ids, captions)))
-
-    beam_size=1 is greedy decoding, the same tokens as decoder.sample().
-    """
-    ids = decoder.beam_search(features, beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
-    return [ids_to_caption(c, vocab) for c in ids]
-
-
-def caption_images(captioner, loader, device, beam_size, length_penalty, max_length):
+def caption_images(captioner, loader, device, beam_size, length_penalty, max_seq_length):
     """Caption every image of the loader -> {image_id: caption}, with a progress bar."""
     results = {}
     with tqdm(total=len(loader.dataset), desc='captioning', unit='img') as bar:
@@ -199,10 +166,11 @@ def caption_images(captioner, loader, device, beam_size, length_penalty, max_len
             bad = [e for e in errors if e]
             if bad:
                 bar.close()
-                fail(f'{bad[0]}: re-run resize.py on it, or remove it from the caption file')
+                fail(PROG, f'{bad[0]}: re-run resize.py on it, or remove it from the caption file')
             features = captioner.encoder(images.to(device, non_blocking=True))  # (N, E)
-            captions = caption_features(captioner.decoder, features, captioner.vocab, beam_size,
-                                        length_penalty, max_length)
+            ids = captioner.decoder.generate(features, beam_size=beam_size, length_penalty=length_penalty,
+                                             max_seq_length=max_seq_length)
+            captions = [captioner.vocab.decode(c, markers=False) for c in ids]
             results.update(zip(image_ids.tolist(), captions))
             bar.update(len(captions))
     return results
@@ -210,16 +178,9 @@ def caption_images(captioner, loader, device, beam_size, length_penalty, max_len
 
 def write_results(results, path):
     """[{"image_id": int, "caption": str}, ...] by image id, written atomically (tmp + rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump([{'image_id': i, 'caption': results[i]} for i in sorted(results)], f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, 'w') as f:
+        json.dump([{'image_id': i, 'caption': results[i]} for i in sorted(results)], f)
 
 
 def writable(path):
@@ -241,10 +202,10 @@ def main(argv=None):
     if args.split_file:
         wanted = karpathy_ids(args.split_file, args.split)
         if not wanted:
-            fail(f"{args.split_file} has no '{args.split}' images: is it Karpathy's dataset_coco.json?")
+            fail(PROG, f"{args.split_file} has no '{args.split}' images: is it Karpathy's dataset_coco.json?")
         image_ids = sorted(set(i for i in wanted if i in files))
         if not image_ids:
-            fail(f"none of the {len(wanted)} '{args.split}' images of {args.split_file} are in {args.caption_path}: "
+            fail(PROG, f"none of the {len(wanted)} '{args.split}' images of {args.split_file} are in {args.caption_path}: "
                  f"pass the caption file of the COCO images they come from (--caption_path, --image_dir)")
         if len(image_ids) < len(set(wanted)):
             print(f"note: {len(set(wanted)) - len(image_ids)} of the {len(set(wanted))} '{args.split}' images are "
@@ -254,40 +215,43 @@ def main(argv=None):
     else:
         image_ids = sorted(files)
         if not image_ids:
-            fail(f'{args.caption_path} has no captioned images')
+            fail(PROG, f'{args.caption_path} has no captioned images')
         split_name = os.path.splitext(os.path.basename(args.caption_path))[0].replace('captions_', '')
         label = split_name
     if args.max_images:
         image_ids = image_ids[:args.max_images]
     if not os.path.isdir(args.image_dir):
-        fail(f'image folder {args.image_dir} not found: resize the images first, e.g. '
+        fail(PROG, f'image folder {args.image_dir} not found: resize the images first, e.g. '
              f'python resize.py --image_dir data/val2014 --output_dir {args.image_dir}')
     paths = [os.path.join(args.image_dir, files[i]) for i in image_ids]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        fail(f'{len(missing)} of the {len(paths)} images are not in {args.image_dir}, e.g. {missing[0]}: '
+        fail(PROG, f'{len(missing)} of the {len(paths)} images are not in {args.image_dir}, e.g. {missing[0]}: '
              f'resize them first (python resize.py --output_dir {args.image_dir}) or pass --image_dir')
 
     if args.results_path is None:
         where = os.path.dirname(args.checkpoint or args.decoder_path or '') or args.model_path
         args.results_path = os.path.join(where, f'captions_{split_name}_results.json')
     if not writable(args.results_path):
-        fail(f'cannot write {args.results_path}: pass --results_path in a folder you can write to')
+        fail(PROG, f'cannot write {args.results_path}: pass --results_path in a folder you can write to')
 
     try:
         captioner = load_captioner(checkpoint=args.checkpoint, encoder_path=args.encoder_path,
                                    decoder_path=args.decoder_path, vocab_path=args.vocab_path,
                                    model_path=args.model_path, encoder_weights=args.encoder_weights, device=device)
     except (FileNotFoundError, ValueError, EncoderWeightsError) as e:
-        fail(e)
-    print(f'captioning {len(image_ids)} images of {label} ({args.caption_path}) with {captioner.source}, '
-          f'beam size {args.beam_size}')
+        fail(PROG, e)
+    print(f'model: {captioner.source}')
+    print(f'captioning {len(image_ids)} images of {label} ({args.caption_path}), beam size {args.beam_size}')
 
     dataset = EvalImages(paths, image_ids, captioner.image_size, captioner.crop_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == 'cuda')
-    results = caption_images(captioner, loader, device, args.beam_size, args.length_penalty, args.max_length)
-    write_results(results, args.results_path)
+    results = caption_images(captioner, loader, device, args.beam_size, args.length_penalty, args.max_seq_length)
+    try:
+        write_results(results, args.results_path)
+    except OSError as e:  # a full disk: the temporary file is gone, an older results file is intact
+        fail(PROG, f'cannot write {args.results_path} ({e.strerror or e}): free some space or pass another --results_path')
     print(f'wrote {len(results)} captions to {args.results_path}')
     for i in list(results)[:3]:
         print(f'  {i}: {results[i]}')

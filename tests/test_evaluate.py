@@ -147,7 +147,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_coco, tiny_model, tmp_pa
     assert e.value.code == 2 and '--beam_size must be at least 1' in capsys.readouterr().err
 
 
-def test_caption_features_is_greedy_sample_as_text():
+def test_generate_and_decode_are_greedy_sample_as_text():
     torch.manual_seed(0)
     vocab = Vocabulary.from_words(['<pad>', '<start>', '<end>', '<unk>', 'a', 'dog', 'runs', '.'])
     decoder = DecoderRNN(6, 8, len(vocab), 1, max_seq_length=6).eval()
@@ -155,8 +155,8 @@ def test_caption_features_is_greedy_sample_as_text():
         for p in decoder.parameters():
             torch.nn.init.normal_(p, std=2.0)
     features = torch.randn(10, 6)
-    captions = evaluate.caption_features(decoder, features, vocab)
-    assert captions == [evaluate.ids_to_caption(ids, vocab) for ids in decoder.sample(features).tolist()]
+    captions = [vocab.decode(ids, markers=False) for ids in decoder.generate(features)]
+    assert captions == [vocab.decode(ids, markers=False) for ids in decoder.sample(features).tolist()]
     assert all(isinstance(c, str) and '<start>' not in c and '<end>' not in c for c in captions)
-    assert evaluate.ids_to_caption([1, 4, 5, 3, 2, 6], vocab) == 'a dog <unk>', 'cut at <end>, <unk> kept'
-    assert len(evaluate.caption_features(decoder, features, vocab, beam_size=3, max_length=3)) == 10
+    assert vocab.decode([1, 4, 5, 3, 2, 6], markers=False) == 'a dog <unk>', 'cut at <end>, <unk> kept'
+    assert len(decoder.generate(features, beam_size=3, max_seq_length=3)) == 10
