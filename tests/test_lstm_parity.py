@@ -1,0 +1,412 @@
+"""my_LSTM and my_LSTMCell against PyTorch's own tests of nn.LSTM and nn.LSTMCell.
+
+The cases are those of pytorch/pytorch, rewritten as parity checks:
+  * test/test_modules.py run over the ModuleInfo entries of
+    torch/testing/_internal/common_modules.py: the sample inputs of nn.LSTM and
+    nn.LSTMCell (module_inputs_torch_nn_LSTM, module_inputs_torch_nn_LSTMCell) through
+    test_forward, test_non_contiguous_tensors, test_grad, test_gradgrad, test_pickle,
+    test_factory_kwargs, test_device_ctx_init and test_cpu_gpu_parity, and their error
+    inputs (module_error_inputs_torch_nn_RNN_GRU, module_error_inputs_torch_nn_LSTMCell)
+    through test_errors;
+  * the RNN tests of test/test_nn.py that apply to an LSTM (named at each test).
+
+Each case builds the nn.LSTM (or nn.LSTMCell) the PyTorch test builds, copies its weights
+into ours, and asserts the same outputs, the same gradients (input, h_0, c_0 and every
+parameter), the same exception types and the same warnings. Every case that runs
+my_LSTM's forward runs it on both paths: the fused default and the plain one
+(``m.fused = False``).
+
+    python -m pytest tests/test_lstm_parity.py -q
+"""
+import copy
+import io
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequence, pad_packed_sequence
+
+from DIY_LSTM import my_LSTM, my_LSTMCell
+
+# nn.LSTM says so on every call with proj_size > 0; it is not about my_LSTM
+pytestmark = pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN')
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-8), torch.float32: dict(atol=2e-5, rtol=1e-4)}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # tiny sizes: with more threads a busy machine makes every matmul wait for a worker
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=['fused', 'plain'])
+def path(request):
+    """Which of my_LSTM's two paths a case runs: the fused default or the plain cell loop."""
+    return request.param
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def mine(ref, path):
+    """A my_LSTM with ref's configuration and (copied) weights, on the given path."""
+    m = my_LSTM.from_lstm(ref)
+    m.fused = path == 'fused'
+    return m
+
+
+def new_mine(path, *args, **kwargs):
+    m = my_LSTM(*args, **kwargs)
+    m.fused = path == 'fused'
+    return m
+
+
+def my_cell(ref):
+    """A my_LSTMCell with nn.LSTMCell ref's configuration and (copied) weights."""
+    cell = my_LSTMCell(ref.input_size, ref.hidden_size, ref.bias, dtype=ref.weight_ih.dtype)
+    if hasattr(cell, 'load_lstm_weights'):
+        cell.load_lstm_weights(ref.state_dict())
+    else:
+        cell.load_state_dict(ref.state_dict())
+    return cell
+
+
+def flat(result):
+    """[output (its .data if packed), h_n, c_n] of an LSTM, or [h', c'] of a cell."""
+    first, second = result
+    if isinstance(second, tuple):
+        return [first.data if isinstance(first, PackedSequence) else first, *second]
+    return [first, second]
+
+
+def randn_like(tensors, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in tensors]
+
+
+def non_contiguous(t):
+    """The same values, strided: test_modules.py's repeat_interleave(2, -1)[..., ::2]."""
+    out = torch.repeat_interleave(t.detach(), 2, dim=-1)[..., ::2]
+    assert not out.is_contiguous() or t.numel() <= 1
+    return out.requires_grad_(t.requires_grad)
+
+
+def match(m, ref):
+    """Where each parameter of ours sits in ref's (nn.LSTM's layout), found by value.
+
+    Returns [(our name, ref's name, first row, end row)], and checks that every row of
+    every ref parameter has exactly one counterpart, so that the gradient comparison
+    below covers all of nn.LSTM's parameters.
+    """
+    refs = dict(ref.named_parameters())
+    seen = {k: torch.zeros(p.shape[0], dtype=torch.int) for k, p in refs.items()}
+    slots = []
+    for name, p in m.named_parameters():
+        n = p.shape[0]
+        hit = next(((k, lo) for k, q in refs.items() if q.shape[1:] == p.shape[1:] and q.dtype == p.dtype
+                    for lo in range(0, q.shape[0] - n + 1, n) if torch.equal(q[lo:lo + n], p)), None)
+        assert hit is not None, f'our parameter {name} {tuple(p.shape)} is no slice of any nn weight'
+        k, lo = hit
+        seen[k][lo:lo + n] += 1
+        slots.append((name, k, lo, lo + n))
+    bad = [k for k, s in seen.items() if not (s == 1).all()]
+    assert not bad, f'nn weights without exactly one counterpart of ours: {bad}'
+    return slots
+
+
+def in_ref_layout(slots, ref, tensors):
+    """{ref's parameter name: tensor} assembled from {our parameter name: tensor or None}."""
+    out = {k: torch.zeros_like(p) for k, p in ref.named_parameters()}
+    for name, k, lo, hi in slots:
+        if tensors.get(name) is not None:
+            out[k][lo:hi] = tensors[name]
+    return out
+
+
+def close(got, want, dtype, what):
+    assert got.shape == want.shape, f'{what}: shape {tuple(got.shape)}, nn gives {tuple(want.shape)}'
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda s: f'{what}: {s}')
+
+
+def forward_backward(model, args, leaves, seed, strided_grads=False):
+    """Forward, then backward with random output gradients; returns (result, outputs, leaf grads)."""
+    model.zero_grad(set_to_none=True)
+    result = model(*args)
+    outs = flat(result)
+    grads = randn_like(outs, seed)
+    if strided_grads:
+        grads = [non_contiguous(g) for g in grads]
+    pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return result, outs, [t.grad for t in leaves]
+
+
+def check_parity(ref, m, make, dtype, make_mine=None, strided_grads=False, seed=1):
+    """ref and m on the same inputs: equal outputs, input/hx gradients and parameter gradients.
+
+    make() -> (args, leaves) builds fresh inputs (the same values each call); make_mine, if
+    given, builds ours (e.g. the same values, strided).
+    """
+    slots = match(m, ref)
+    r1, o1, g1 = forward_backward(ref, *make(), seed)
+    r2, o2, g2 = forward_backward(m, *(make_mine or make)(), seed, strided_grads)
+    assert len(o1) == len(o2)
+    for k, (a, b) in enumerate(zip(o1, o2)):
+        assert b.requires_grad == a.requires_grad, f'output {k}: requires_grad {b.requires_grad}'
+        assert b.dtype == a.dtype and b.device == a.device, f'output {k}: {b.dtype} on {b.device}'
+        close(b, a, dtype, f'output {k}')
+    for k, (a, b) in enumerate(zip(g1, g2)):
+        if a is None:
+            assert b is None, f'gradient of leaf {k}: nn gives none'
+        else:
+            assert b is not None, f'gradient of leaf {k} is missing'
+            close(b, a, dtype, f'gradient of leaf {k}')
+    got = in_ref_layout(slots, ref, {n: p.grad for n, p in m.named_parameters()})
+    for k, p in ref.named_parameters():
+        close(got[k], torch.zeros_like(p) if p.grad is None else p.grad, dtype, f'gradient of {k}')
+    if isinstance(r1[0], PackedSequence):
+        for name in ('batch_sizes', 'sorted_indices', 'unsorted_indices'):
+            a, b = getattr(r1[0], name), getattr(r2[0], name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+    return (r1, o1), (r2, o2)
+
+
+def raised(fn):
+    """The exception fn() raises, or None."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return e
+    return None
+
+
+def same_exception(make_ref, make_mine, expected):
+    """nn raises `expected` (so the port is faithful), and ours raises the same type."""
+    e_ref, e_mine = raised(make_ref), raised(make_mine)
+    assert isinstance(e_ref, expected), f'the port is wrong: nn raised {e_ref!r}, not {expected.__name__}'
+    assert isinstance(e_mine, type(e_ref)), (f'nn raises {type(e_ref).__name__}({e_ref}); '
+                                             f'ours raises {e_mine!r}')
+
+
+def second_derivatives_match(ref, m, make, dtype, path):
+    """Gradients of gradients (create_graph=True) agree with nn's.
+
+    The fused path may refuse double backward by raising; it may not return gradients
+    without a graph, which would make a gradient penalty silently zero.
+    """
+    slots = match(m, ref)
+    leaf_names = ['input', 'h_0', 'c_0']
+
+    def firsts(model):
+        args, leaves = make()
+        params = list(model.parameters())
+        outs = flat(model(*args))
+        live = [(o, g) for o, g in zip(outs, randn_like(outs, 2)) if o.requires_grad]
+        gs = torch.autograd.grad([o for o, _ in live], leaves + params, [g for _, g in live],
+                                 create_graph=True, allow_unused=True)
+        return leaves, params, gs
+
+    leaves_r, params_r, f_r = firsts(ref)
+    n = len(leaves_r)
+    # one random direction v for the first derivatives, in nn's layout, sliced for ours
+    v_leaves = randn_like(leaves_r, 3)
+    v_ref = dict(zip([k for k, _ in ref.named_parameters()], randn_like(params_r, 4)))
+    v_mine = [v_ref[k][lo:hi] for _, k, lo, hi in slots]
+
+    def pairing(gs, vs):
+        terms = [(g * v).sum() for g, v in zip(gs, vs) if g is not None and g.requires_grad]
+        return sum(terms) if terms else None
+
+    s_r = pairing(f_r, v_leaves + list(v_ref.values()))
+    s2_r = torch.autograd.grad(s_r, leaves_r + params_r, allow_unused=True)
+    try:
+        leaves_m, params_m, f_m = firsts(m)
+    except (RuntimeError, NotImplementedError):
+        if path == 'fused':
+            return                                   # refused loudly: allowed on the fused path
+        raise
+    my_names = leaf_names[:n] + [name for name, _ in m.named_parameters()]
+    ref_of = {name: k for name, k, _, _ in slots}
+    ref_graph = {k: g is not None and g.requires_grad for k, g in zip([k for k, _ in ref.named_parameters()], f_r[n:])}
+    lost = [name for name, g_r, g_m in zip(my_names[:n], f_r[:n], f_m[:n])
+            if g_r is not None and g_r.requires_grad and not (g_m is not None and g_m.requires_grad)]
+    lost += [name for name, g_m in zip(my_names[n:], f_m[n:])
+             if ref_graph[ref_of[name]] and not (g_m is not None and g_m.requires_grad)]
+    assert not lost, ('create_graph=True returned gradients without a graph (so gradients of gradients '
+                      f'are silently zero) for: {lost}')
+    for k, (a, b) in enumerate(zip(f_r[:n], f_m[:n])):
+        if a is not None:
+            close(b, a, dtype, f'first derivative wrt {leaf_names[k]}')
+    s_m = pairing(f_m, v_leaves + v_mine)
+    try:
+        s2_m = torch.autograd.grad(s_m, leaves_m + params_m, allow_unused=True)
+    except (RuntimeError, NotImplementedError):
+        if path == 'fused':
+            return
+        raise
+    for k, (a, b) in enumerate(zip(s2_r[:n], s2_m[:n])):
+        a = torch.zeros_like(leaves_r[k]) if a is None else a
+        b = torch.zeros_like(leaves_m[k]) if b is None else b
+        close(b, a, dtype, f'second derivative wrt {leaf_names[k]}')
+    got = in_ref_layout(slots, ref, dict(zip(my_names[n:], s2_m[n:])))
+    for (k, p), a in zip(ref.named_parameters(), s2_r[n:]):
+        close(got[k], torch.zeros_like(p) if a is None else a, dtype, f'second derivative wrt {k}')
+
+
+def gradcheck_total(m, make):
+    """test_grad's total derivative: gradcheck over the inputs and every parameter.
+
+    The parameters travel as one flat vector (through functional_call) so that fast mode
+    needs a handful of forwards, not two per parameter tensor.
+    """
+    names = [n for n, _ in m.named_parameters()]
+    ps = [p.detach() for _, p in m.named_parameters()]
+    sizes, shapes = [p.numel() for p in ps], [p.shape for p in ps]
+    theta = torch.cat([p.reshape(-1) for p in ps]).requires_grad_()
+    args, leaves = make()
+
+    def rebuild(tensors):
+        # the args again, with the leaves replaced by gradcheck's copies of them
+        it = iter(tensors)
+        swap = {id(t): next(it) for t in leaves}
+        return tuple(tuple(swap.get(id(u), u) for u in a) if isinstance(a, tuple) else swap.get(id(a), a)
+                     for a in args)
+
+    def fn(theta, *tensors):
+        params = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        return tuple(flat(functional_call(m, params, rebuild(tensors))))
+
+    assert torch.autograd.gradcheck(fn, (theta, *leaves), fast_mode=True)
+
+
+# --- test_modules.py over module_inputs_torch_nn_LSTM ----------------------------------
+# Two layers, input 2, hidden 3, every bias, batch_first, bidirectional and proj_size in
+# (0, 2); unbatched input: (2, 2) alone, and (3, 2) with (h_0, c_0) given.
+
+def lstm_samples():
+    for bias, batch_first, bidirectional, proj_size in itertools.product([False, True], [False, True],
+                                                                         [False, True], [0, 2]):
+        kw = dict(input_size=2, hidden_size=3, num_layers=2, proj_size=proj_size, batch_first=batch_first,
+                  bias=bias, bidirectional=bidirectional)
+        name = f'bias={int(bias)}-bf={int(batch_first)}-bidir={int(bidirectional)}-proj={proj_size}'
+        for with_hx in (False, True):
+            yield pytest.param(kw, with_hx, id=f'{name}-{"hx" if with_hx else "no_hx"}')
+
+
+LSTM_SAMPLES = list(lstm_samples())
+
+
+def sample_maker(kw, with_hx, dtype, strided=False):
+    """make() for one sample: fresh leaves with the same values on each call."""
+    D = 2 if kw['bidirectional'] else 1
+    h_out = kw['proj_size'] or kw['hidden_size']
+
+    def make():
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(3 if with_hx else 2, kw['input_size'], generator=g, dtype=dtype)
+        leaves = [x]
+        if with_hx:
+            leaves += [torch.randn(D * kw['num_layers'], h_out, generator=g, dtype=dtype),
+                       torch.randn(D * kw['num_layers'], kw['hidden_size'], generator=g, dtype=dtype)]
+        leaves = [non_contiguous(t) if strided else t.requires_grad_() for t in leaves]
+        for t in leaves:
+            t.requires_grad_()
+        return ((leaves[0], (leaves[1], leaves[2])) if with_hx else (leaves[0],)), leaves
+    return make
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=['f32', 'f64'])
+@pytest.mark.parametrize('kw, with_hx', LSTM_SAMPLES)
+def test_module_input_forward_backward(kw, with_hx, dtype, path):
+    """test_forward (with the no-batch-dim reference and .float()/.double()) and test_memory_format."""
+    ref = nn.LSTM(**kw).to(dtype)
+    m = mine(ref, path)
+    make = sample_maker(kw, with_hx, dtype)
+    (r1, o1), (r2, o2) = check_parity(ref, m, make, dtype)
+    assert [t.is_contiguous() for t in o2] == [t.is_contiguous() for t in o1]
+    # no_batch_dim_reference_lstm: the unbatched result is the batch-of-one result, squeezed
+    args, _ = make()
+    batch_dim = 0 if kw['batch_first'] else 1
+    hx = None if len(args) == 1 else tuple(t.unsqueeze(1) for t in args[1])
+    out, (h, c) = m(args[0].unsqueeze(batch_dim), hx)
+    for got, want in zip((out.squeeze(batch_dim), h.squeeze(1), c.squeeze(1)), o2):
+        close(got, want, dtype, 'batch of one')
+    getattr(m, {torch.float32: 'float', torch.float64: 'double'}[dtype])()
+    m(*args)
+    assert all(p.dtype == dtype and p.device.type == 'cpu' for p in m.parameters())
+
+
+@pytest.mark.parametrize('kw, with_hx', LSTM_SAMPLES)
+def test_module_input_non_contiguous(kw, with_hx, path):
+    """test_non_contiguous_tensors: strided inputs and output gradients change nothing."""
+    ref = nn.LSTM(**kw).double()
+    m = mine(ref, path)
+    check_parity(ref, m, sample_maker(kw, with_hx, torch.float64), torch.float64,
+                 make_mine=sample_maker(kw, with_hx, torch.float64, strided=True), strided_grads=True)
+
+
+@pytest.mark.parametrize('kw, with_hx', LSTM_SAMPLES)
+def test_module_input_gradcheck(kw, with_hx, path):
+    """test_grad, float64: the total derivative over the inputs and every parameter."""
+    m = new_mine(path, **kw, dtype=torch.float64)
+    gradcheck_total(m, sample_maker(kw, with_hx, torch.float64))
+
+
+@pytest.mark.parametrize('kw, with_hx', LSTM_SAMPLES)
+def test_module_input_gradgrad(kw, with_hx, path):
+    """test_gradgrad, float64 (nn.LSTM's ModuleInfo supports it): second derivatives as nn.LSTM's."""
+    ref = nn.LSTM(**kw).double()
+    second_derivatives_match(ref, mine(ref, path), sample_maker(kw, with_hx, torch.float64), torch.float64, path)
+
+
+@pytest.mark.parametrize('kw, with_hx', LSTM_SAMPLES)
+def test_module_input_pickle(kw, with_hx, path):
+    """test_pickle, and deepcopy: the copy gives the same outputs."""
+    m = new_mine(path, **kw, dtype=torch.float64)
+    args, _ = sample_maker(kw, with_hx, torch.float64)()
+    want = flat(m(*args))
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    for twin in (torch.load(buf, weights_only=False), copy.deepcopy(m)):
+        for k, (got, w) in enumerate(zip(flat(twin(*args)), want)):
+            close(got, w, torch.float64, f'output {k} of the copy')
+
+
+@pytest.mark.parametrize('kw', [p.values[0] for p in LSTM_SAMPLES[::2]],
+                         ids=[p.id.rsplit('-', 1)[0] for p in LSTM_SAMPLES[::2]])
+def test_module_input_factory_kwargs(kw):
+    """test_factory_kwargs and test_repr: device and dtype reach every parameter."""
+    m = my_LSTM(**kw, device='cpu', dtype=torch.float64)
+    assert all(p.dtype == torch.float64 and p.device.type == 'cpu' for p in m.parameters())
+    ref = nn.LSTM(**kw)
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
+    assert repr(m) and str(m)
+
+
+@pytest.mark.parametrize('how', ['device_kwarg', 'device_context'])
+@pytest.mark.parametrize('kw', [p.values[0] for p in LSTM_SAMPLES[::8]],
+                         ids=[p.id.rsplit('-', 1)[0] for p in LSTM_SAMPLES[::8]])
+def test_module_input_meta_construction(kw, how):
+    """test_device_ctx_init: built on 'meta', every parameter is meta, as many as nn.LSTM's."""
+    if how == 'device_kwarg':
+        m, ref = my_LSTM(**kw, device='meta'), nn.LSTM(**kw, device='meta')
+    else:
+        with torch.device('meta'):
+            m, ref = my_LSTM(**kw), nn.LSTM(**kw)
+    assert all(p.is_meta for p in m.parameters())
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
+    assert {p.dtype for p in m.parameters()} == {p.dtype for p in ref.parameters()}
