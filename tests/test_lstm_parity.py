@@ -410,3 +410,181 @@ def test_module_input_meta_construction(kw, how):
     assert all(p.is_meta for p in m.parameters())
     assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
     assert {p.dtype for p in m.parameters()} == {p.dtype for p in ref.parameters()}
+
+
+# --- test_modules.py over module_inputs_torch_nn_LSTMCell -------------------------------
+# nn.LSTMCell(5, 10) and nn.LSTMCell(5, 10, bias=True) on an unbatched (5,) input with
+# (h, c) given. my_LSTMCell has one path (the cell itself), so these run once.
+
+CELL_SAMPLES = [pytest.param(dict(), id='default'), pytest.param(dict(bias=True), id='bias=True')]
+
+
+def cell_maker(dtype, strided=False, batch=None):
+    def make():
+        g = torch.Generator().manual_seed(7)
+        lead = () if batch is None else (batch,)
+        leaves = [torch.randn(*lead, n, generator=g, dtype=dtype) for n in (5, 10, 10)]
+        leaves = [(non_contiguous(t) if strided else t).requires_grad_() for t in leaves]
+        return (leaves[0], (leaves[1], leaves[2])), leaves
+    return make
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=['f32', 'f64'])
+@pytest.mark.parametrize('kw', CELL_SAMPLES)
+def test_cell_module_input_forward_backward(kw, dtype):
+    """test_forward with no_batch_dim_reference_lstmcell: unbatched equals a batch of one, squeezed."""
+    ref = nn.LSTMCell(5, 10, **kw).to(dtype)
+    cell = my_cell(ref)
+    _, (_, o2) = check_parity(ref, cell, cell_maker(dtype), dtype)
+    (x, (h, c)), _ = cell_maker(dtype)()
+    for got, want in zip(cell(x.unsqueeze(0), (h.unsqueeze(0), c.unsqueeze(0))), o2):
+        close(got.squeeze(0), want, dtype, 'batch of one')
+
+
+@pytest.mark.parametrize('kw', CELL_SAMPLES)
+def test_cell_module_input_non_contiguous(kw):
+    ref = nn.LSTMCell(5, 10, **kw).double()
+    check_parity(ref, my_cell(ref), cell_maker(torch.float64), torch.float64,
+                 make_mine=cell_maker(torch.float64, strided=True), strided_grads=True)
+
+
+@pytest.mark.parametrize('kw', CELL_SAMPLES)
+def test_cell_module_input_gradcheck(kw):
+    gradcheck_total(my_LSTMCell(5, 10, **kw, dtype=torch.float64), cell_maker(torch.float64))
+
+
+@pytest.mark.parametrize('kw', CELL_SAMPLES)
+def test_cell_module_input_gradgrad(kw):
+    ref = nn.LSTMCell(5, 10, **kw).double()
+    second_derivatives_match(ref, my_cell(ref), cell_maker(torch.float64), torch.float64, 'plain')
+
+
+@pytest.mark.parametrize('kw', CELL_SAMPLES)
+def test_cell_module_input_pickle(kw):
+    cell = my_LSTMCell(5, 10, **kw, dtype=torch.float64)
+    args, _ = cell_maker(torch.float64)()
+    want = cell(*args)
+    buf = io.BytesIO()
+    torch.save(cell, buf)
+    buf.seek(0)
+    for twin in (torch.load(buf, weights_only=False), copy.deepcopy(cell)):
+        for got, w in zip(twin(*args), want):
+            close(got, w, torch.float64, 'the copy')
+
+
+# --- test_modules.py test_errors over module_error_inputs_torch_nn_LSTMCell --------------
+# (with test_nn.py's test_RNN_cell_no_broadcasting and test_LSTM_cell_forward_*_size)
+
+def _cell_call(cls, x, h, c):
+    return lambda: cls(10, 20)(x, (h, c))
+
+
+CELL_ERRORS = [
+    # module_error_inputs_torch_nn_LSTMCell
+    pytest.param((3, 11), (3, 20), (3, 20), RuntimeError, id='input_size_11'),
+    pytest.param((3, 10), (3, 21), (3, 21), RuntimeError, id='hidden_size_21'),
+    pytest.param((3, 10), (5, 20), (5, 20), RuntimeError, id='hidden_batch_5'),
+    pytest.param((3, 10), (3, 1, 1, 20), (3, 1, 1, 20), ValueError, id='hidden_4d'),
+    # test_RNN_cell_no_broadcasting: a batch of 1 against 3, a hidden size of 1, an input size of 1
+    pytest.param((3, 10), (1, 20), (3, 20), RuntimeError, id='h_batch_1'),
+    pytest.param((3, 10), (3, 20), (1, 20), RuntimeError, id='c_batch_1'),
+    pytest.param((3, 10), (3, 1), (3, 20), RuntimeError, id='h_size_1'),
+    pytest.param((3, 10), (3, 20), (3, 1), RuntimeError, id='c_size_1'),
+    pytest.param((3, 1), (3, 20), (3, 20), RuntimeError, id='input_size_1'),
+    # test_LSTM_cell_forward_hidden_size: (h, c) of sizes 21 and 20, either way round
+    pytest.param((3, 10), (3, 21), (3, 20), RuntimeError, id='h_21_c_20'),
+    pytest.param((3, 10), (3, 20), (3, 21), RuntimeError, id='h_20_c_21'),
+]
+
+
+@pytest.mark.parametrize('x_shape, h_shape, c_shape, expected', CELL_ERRORS)
+def test_cell_error_inputs(x_shape, h_shape, c_shape, expected):
+    x, h, c = torch.randn(x_shape), torch.randn(h_shape), torch.randn(c_shape)
+    same_exception(_cell_call(nn.LSTMCell, x, h, c), _cell_call(my_LSTMCell, x, h, c), expected)
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_cell_six_steps_then_backward(bias):
+    """test_nn.py test_LSTM_cell: six steps, then (h + c).sum().backward()."""
+    ref = nn.LSTMCell(10, 20, bias=bias).double()
+    cell = my_cell(ref)
+    slots = match(cell, ref)
+    results = []
+    for model in (ref, cell):
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(3, 10, generator=g, dtype=torch.float64, requires_grad=True)
+        h0 = torch.randn(3, 20, generator=g, dtype=torch.float64, requires_grad=True)
+        h, c = h0, torch.randn(3, 20, generator=g, dtype=torch.float64)
+        for _ in range(6):
+            h, c = model(x, (h, c))
+        (h + c).sum().backward()
+        results.append((h, c, x.grad, h0.grad))
+    for k, (a, b) in enumerate(zip(*results)):
+        close(b, a, torch.float64, ['h', 'c', 'input grad', 'h_0 grad'][k])
+    got = in_ref_layout(slots, ref, {n: p.grad for n, p in cell.named_parameters()})
+    for k, p in ref.named_parameters():
+        close(got[k], p.grad, torch.float64, f'gradient of {k}')
+
+
+@pytest.mark.parametrize('which', [0, 1], ids=['h', 'c'])
+def test_cell_backward_through_one_output(which):
+    """test_nn.py test_lstmcell_backward_only_one_output_grad: h or c alone carries a gradient."""
+    ref = nn.LSTMCell(2, 3).double()
+    cell = my_cell(ref)
+    grads = []
+    for model in (ref, cell):
+        x = torch.randn(1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        model(x)[which].sum().backward()
+        grads.append(x.grad)
+    assert grads[1].abs().sum() != 0
+    close(grads[1], grads[0], torch.float64, 'input gradient')
+
+
+# --- test_modules.py test_errors over module_error_inputs_torch_nn_RNN_GRU ---------------
+# (nn.LSTM's entry), with the other checks of RNNBase.__init__: each raises in nn.LSTM's
+# constructor, so ours must raise the same type.
+
+CONSTRUCTION_ERRORS = [
+    pytest.param((10, 0, 1), {}, ValueError, id='hidden_size_0'),
+    pytest.param((10, 10, 0), {}, ValueError, id='num_layers_0'),
+    pytest.param((3, 5), dict(bias=0), TypeError, id='bias_0'),
+    pytest.param((3, 5), dict(bias=1), TypeError, id='bias_1'),
+    pytest.param((3, 5), dict(bias='True'), TypeError, id='bias_str'),
+    pytest.param((3, 5), dict(batch_first=0), TypeError, id='batch_first_0'),
+    pytest.param((3, 5), dict(batch_first=1), TypeError, id='batch_first_1'),
+    pytest.param((3, 5), dict(batch_first='False'), TypeError, id='batch_first_str'),
+    pytest.param((3.0, 5), {}, TypeError, id='input_size_float'),
+    pytest.param(('10', 5), {}, TypeError, id='input_size_str'),
+    pytest.param((0, 5), {}, ValueError, id='input_size_0'),
+    pytest.param((-1, 5), {}, ValueError, id='input_size_-1'),
+    pytest.param((3, 5.0), {}, TypeError, id='hidden_size_float'),
+    # non-integer num_layers: nn.LSTM's range(num_layers) refuses them
+    pytest.param((3, 5), dict(num_layers=1.5), TypeError, id='num_layers_1.5'),
+    pytest.param((3, 5), dict(num_layers=2.0), TypeError, id='num_layers_2.0'),
+    pytest.param((3, 5), dict(num_layers='2'), TypeError, id='num_layers_str'),
+    pytest.param((3, 5), dict(num_layers=-1), ValueError, id='num_layers_-1'),
+    pytest.param((3, 5), dict(proj_size=-1), ValueError, id='proj_size_-1'),
+    pytest.param((3, 5), dict(proj_size=5), ValueError, id='proj_size_5'),
+    pytest.param((3, 5), dict(proj_size=2.0), TypeError, id='proj_size_float'),
+    pytest.param((3, 5), dict(dropout=-0.1), ValueError, id='dropout_-0.1'),
+    pytest.param((3, 5), dict(dropout=1.5), ValueError, id='dropout_1.5'),
+    pytest.param((3, 5), dict(dropout='0.5'), ValueError, id='dropout_str'),
+    pytest.param((3, 5), dict(dropout=True), ValueError, id='dropout_bool'),
+]
+
+
+@pytest.mark.parametrize('args, kwargs, expected', CONSTRUCTION_ERRORS)
+def test_construction_errors(args, kwargs, expected):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        same_exception(lambda: nn.LSTM(*args, **kwargs), lambda: my_LSTM(*args, **kwargs), expected)
+
+
+@pytest.mark.parametrize('module_dtype, input_dtype', [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+                         ids=['f32_module_f64_input', 'f64_module_f32_input'])
+def test_input_dtype_differs_from_weights(module_dtype, input_dtype, path):
+    """module_error_inputs_torch_nn_RNN_GRU: "RNN input dtype ... does not match weight dtype", a ValueError."""
+    ref = nn.LSTM(3, 5, dtype=module_dtype)
+    m = mine(ref, path)
+    x = torch.randn(2, 4, 3, dtype=input_dtype)
+    same_exception(lambda: ref(x), lambda: m(x), ValueError)
