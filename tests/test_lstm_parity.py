@@ -886,3 +886,228 @@ def test_backward_through_one_output(which, path):
     got = in_ref_layout(slots, ref, results[1][1])
     for name, want in results[0][1].items():
         close(got[name], torch.zeros_like(got[name]) if want is None else want, torch.float64, f'gradient of {name}')
+
+
+# --- test_nn.py: dropout --------------------------------------------------------------------
+
+@pytest.mark.parametrize('num_layers, dropout', [(1, 0.5), (1, 1.0), (2, 0.5), (1, 0.0)],
+                         ids=['1_layer_0.5', '1_layer_1', '2_layers_0.5', '1_layer_0'])
+def test_dropout_warning(num_layers, dropout):
+    """RNNBase warns that dropout only acts between layers: the same warnings, nothing more."""
+    seen = []
+    for cls in (nn.LSTM, my_LSTM):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            cls(3, 4, num_layers=num_layers, dropout=dropout)
+        seen.append([(x.category, 'num_layers greater than 1' in str(x.message)) for x in w])
+    assert seen[1] == seen[0], f'nn.LSTM warns {seen[0]}, ours {seen[1]}'
+
+
+@pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('p', [0, 0.1234])
+def test_dropout_state(p, train, path):
+    """test_RNN_dropout_state: outputs repeat, also through torch.save, unless dropout acts."""
+    ref = nn.LSTM(32, 32, 2, bias=False, dropout=p).double().train(train)
+    m = mine(ref, path)
+    assert m.training == train
+    x = torch.rand(1, 1, 32, dtype=torch.float64)
+    hx = (torch.rand(2, 1, 32, dtype=torch.float64), torch.rand(2, 1, 32, dtype=torch.float64))
+    out1, out2 = flat(m(x, hx)), flat(m(x, hx))
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m2 = torch.load(buf, weights_only=False)
+    m2.flatten_parameters()
+    out3 = flat(m2(x, hx))
+    if p == 0 or not train:
+        for k, (a, b, c, r) in enumerate(zip(out1, out2, out3, flat(ref(x, hx)))):
+            close(b, a, torch.float64, f'output {k}, second call')
+            close(c, a, torch.float64, f'output {k}, after torch.save/load')
+            close(a, r, torch.float64, f'output {k} against nn.LSTM')
+    else:
+        assert not torch.equal(out1[0], out2[0]), 'dropout in training: a fresh mask each call'
+        assert not torch.equal(out1[0], out3[0])
+
+
+@pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
+def test_change_dropout(train, path):
+    """test_RNN_change_dropout: setting .dropout after construction takes effect on the next call."""
+    ref = nn.LSTM(16, 16, 2, dropout=0).double().train(train)
+    m = mine(ref, path)
+    x = torch.rand(3, 2, 16, dtype=torch.float64)
+    prev = None
+    for p in (0, 0.5, 0, 0.7, 0.2, 1, 0.2, 0):
+        m.dropout = ref.dropout = p
+        (o1, h1, _), (o2, h2, _) = flat(m(x)), flat(m(x))
+        if p in (0, 1) or not train:
+            close(o2, o1, torch.float64, f'dropout={p}: second call')
+            close(h2, h1, torch.float64, f'dropout={p}: second h_n')
+            close(o1, ref(x)[0], torch.float64, f'dropout={p}: against nn.LSTM')
+        else:
+            assert not torch.equal(o1, o2) and not torch.equal(h1, h2), f'dropout={p}: the same mask twice'
+        if prev is not None and train:
+            assert not torch.equal(o1, prev), f'dropout={p}: the output of the previous setting'
+        elif prev is not None:
+            close(o1, prev, torch.float64, f'dropout={p} in eval: against the previous setting')
+        prev = o1
+
+
+# --- state dicts, copies, devices -------------------------------------------------------------
+
+STATE_CONFIGS = [pytest.param(dict(num_layers=1), id='one_layer'),
+                 pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True), id='bidir_proj')]
+
+
+@pytest.mark.parametrize('cfg', STATE_CONFIGS)
+def test_state_dict_nn_lstm_into_ours(cfg, path):
+    ref = nn.LSTM(4, 5, **cfg).double()
+    m = new_mine(path, 4, 5, **cfg, dtype=torch.float64)
+    result = m.load_state_dict(ref.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+
+    def make():
+        x = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        return (x,), [x]
+    check_parity(ref, m, make, torch.float64)
+
+
+@pytest.mark.parametrize('cfg', STATE_CONFIGS)
+def test_state_dict_ours_into_nn_lstm(cfg, path):
+    """nn.LSTM loads our state_dict(), strictly, and then computes what we do."""
+    m = new_mine(path, 4, 5, **cfg, dtype=torch.float64)
+    ref = nn.LSTM(4, 5, **cfg).double()
+    try:
+        ref.load_state_dict(m.state_dict())
+    except RuntimeError as e:
+        pytest.fail(f"nn.LSTM cannot load my_LSTM's state_dict(): {str(e).splitlines()[1].strip()}")
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    for k, (a, b) in enumerate(zip(flat(ref(x)), flat(m(x)))):
+        close(b, a, torch.float64, f'output {k}')
+
+
+@pytest.mark.parametrize('direction', ['nn_into_ours', 'ours_into_nn'])
+def test_state_dict_inside_a_decoder(direction, path):
+    """A decoder's checkpoint ('lstm.weight_ih_l0', ...) loads strictly across the two LSTMs, both ways."""
+    class Decoder(nn.Module):
+        def __init__(self, lstm):
+            super().__init__()
+            self.embed, self.lstm, self.linear = nn.Embedding(10, 4), lstm, nn.Linear(5, 10)
+
+    theirs = Decoder(nn.LSTM(4, 5, 1, batch_first=True))
+    ours = Decoder(new_mine(path, 4, 5, 1, batch_first=True))
+    src, dst = (theirs, ours) if direction == 'nn_into_ours' else (ours, theirs)
+    try:
+        dst.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        pytest.fail(f'{direction}: {str(e).splitlines()[1].strip()}')
+    x = torch.randn(2, 3, 4)
+    close(ours.lstm(x)[0], theirs.lstm(x)[0], torch.float32, 'output')
+
+
+@pytest.mark.parametrize('direction', ['nn_into_ours', 'ours_into_nn'])
+def test_cell_state_dict(direction):
+    """my_LSTMCell and nn.LSTMCell load each other's state_dict(), strictly."""
+    theirs, ours = nn.LSTMCell(4, 5).double(), my_LSTMCell(4, 5, dtype=torch.float64)
+    src, dst = (theirs, ours) if direction == 'nn_into_ours' else (ours, theirs)
+    try:
+        dst.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        pytest.fail(f'{direction}: {str(e).splitlines()[1].strip()}')
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for a, b in zip(theirs(x), ours(x)):
+        close(b, a, torch.float64, 'cell output')
+
+
+def test_deepcopy_is_independent(path):
+    """test_container_copy: a deepcopy computes the same, and changing it leaves the original alone."""
+    ref = nn.LSTM(4, 5, 2).double()
+    m = mine(ref, path)
+    twin = copy.deepcopy(m)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    close(twin(x)[0], m(x)[0], torch.float64, 'the copy')
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.fill_(0.25)
+    assert not torch.allclose(twin(x)[0], m(x)[0])
+    close(m(x)[0], ref(x)[0], torch.float64, 'the original')
+
+
+META_CONFIGS = [pytest.param(dict(num_layers=1), id='one_layer'),
+                pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3), id='bidir_proj'),
+                pytest.param(dict(num_layers=3, bias=False, batch_first=True), id='three_layers_no_bias')]
+
+
+@pytest.mark.parametrize('packed', [False, True], ids=['dense', 'packed'])
+@pytest.mark.parametrize('cfg', META_CONFIGS)
+def test_meta_device_forward(cfg, packed, path):
+    """On device='meta' (shapes only, no data), a forward gives nn.LSTM's shapes and dtypes."""
+    ref = nn.LSTM(4, 5, **cfg, device='meta')
+    m = new_mine(path, 4, 5, **cfg, device='meta')
+    x = torch.empty(6, 2, 4, device='meta')
+    if packed:
+        x = pack_padded_sequence(x, [6, 3], batch_first=cfg.get('batch_first', False))
+    want = flat(ref(x))
+    try:
+        got = flat(m(x))
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"a forward on device='meta' raised {e!r}; nn.LSTM gives shapes {[tuple(t.shape) for t in want]}")
+    for k, (a, b) in enumerate(zip(want, got)):
+        assert b.is_meta and b.shape == a.shape and b.dtype == a.dtype, f'output {k}: {b.shape} on {b.device}'
+
+
+def test_meta_then_to_empty_and_load(path):
+    """The large-model recipe: build on meta, to_empty() on the CPU, load nn.LSTM's weights."""
+    ref = nn.LSTM(4, 5, 2, bidirectional=True).double()
+    m = new_mine(path, 4, 5, 2, bidirectional=True, device='meta', dtype=torch.float64)
+    m.to_empty(device='cpu')
+    m.load_state_dict(ref.state_dict())
+
+    def make():
+        x = torch.randn(3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        return (x,), [x]
+    check_parity(ref, m, make, torch.float64)
+
+
+# --- weights updated in place, then a forward without autograd ------------------------------
+# test_modules.py's test_cpu_gpu_parity and test_nn.py's cpu-vs-cuDNN tests copy weights in
+# with p.data.copy_(...); optimizers write them in place, fused Adam without bumping the
+# version counters. A forward under no_grad (evaluation, greedy decoding) must see them all.
+
+UPDATES = ['adam_fused', 'adam_foreach', 'sgd', 'data_write', 'load_state_dict']
+
+
+def _optimizer(update, model):
+    if update == 'adam_fused':
+        return torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    if update == 'adam_foreach':
+        return torch.optim.Adam(model.parameters(), lr=0.1, foreach=True)
+    if update == 'sgd':
+        return torch.optim.SGD(model.parameters(), lr=0.5)
+    return None
+
+
+@pytest.mark.parametrize('update', UPDATES)
+def test_no_grad_forward_after_in_place_update(update, path):
+    ref = nn.LSTM(3, 4, 2, bidirectional=True, batch_first=True).double()
+    m = mine(ref, path)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    opts = {id(model): _optimizer(update, model) for model in (ref, m)}
+    for step in range(2):
+        with torch.no_grad():
+            ref(x), m(x)                              # an inference cache, if any, fills here
+        other = nn.LSTM(3, 4, 2, bidirectional=True, batch_first=True).double()
+        for model in (ref, m):
+            opt = opts[id(model)]
+            if opt is not None:
+                opt.zero_grad()
+                model(x)[0].pow(2).sum().backward()
+                opt.step()
+            elif update == 'data_write':
+                for p in model.parameters():
+                    p.data.mul_(0.5).add_(0.01)
+            else:
+                model.load_state_dict(other.state_dict())
+        with torch.no_grad():
+            got, want = flat(m(x)), flat(ref(x))
+        for k, (a, b) in enumerate(zip(want, got)):
+            close(b, a, torch.float64, f'after {update} step {step + 1}: no_grad output {k}')
