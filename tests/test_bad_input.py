@@ -4,11 +4,13 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
+import time
 
 import pytest
 from PIL import Image
 
-from conftest import make_tiny_coco, run, train_args
+from conftest import REPO, make_tiny_coco, run, train_args
 
 
 def one_line(proc, *words):
@@ -91,3 +93,83 @@ def test_sample_full_disk_leaves_no_half_picture(tiny, tmp_path):
         assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
         assert f'cannot write {folder}' in proc.stderr.strip().splitlines()[-1]
         assert os.listdir(folder) == [], 'no truncated picture, no temporary file'
+
+
+# ---------------------------------------------------------------------------
+# resize.py
+
+
+def complete(path):
+    """Does the picture at `path` decode to its end?"""
+    with Image.open(path) as image:
+        image.load()
+    return True
+
+
+def test_resize_full_disk_leaves_only_complete_pictures(tmp_path):
+    src = tmp_path / 'raw'
+    src.mkdir()
+    for i in range(40):
+        Image.effect_noise((96, 96), 60 + i).convert('RGB').save(src / f'{i:02d}.jpg', quality=95)
+    with tmpfs(tmp_path / 'full', size='64k') as out:
+        proc = run('resize.py', '--image_dir', src, '--output_dir', out, '--image_size', 64, '--num_workers', 2,
+                   check=False)
+        one_line(proc, f'cannot write {out}', 'No space left on device', 'run the same command again')
+        names = os.listdir(out)
+        assert names and not [n for n in names if n.startswith('.')], 'no temporary file left'
+        assert all(complete(os.path.join(out, n)) for n in names), 'no truncated picture under its final name'
+
+
+def test_resize_workers_die_with_a_killed_main_process(tmp_path):
+    src, out = tmp_path / 'raw', tmp_path / 'out'
+    src.mkdir()
+    picture = Image.linear_gradient('L').resize((900, 900)).convert('RGB')
+    for i in range(160):
+        picture.save(src / f'{i:03d}.jpg')
+    command = ['resize.py', '--image_dir', src, '--output_dir', out, '--image_size', 200, '--num_workers', 2]
+    proc = subprocess.Popen([sys.executable, *map(str, command)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out.is_dir() and len(os.listdir(out)) >= 2):
+            time.sleep(0.02)
+        workers = [int(p) for p in subprocess.run(['ps', '-o', 'pid=', '--ppid', str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        assert workers, 'resize.py runs a pool'
+    finally:
+        proc.kill()
+        proc.wait()
+    time.sleep(1)
+    written = len(os.listdir(out))
+    assert written < 160, 'killed before it finished'
+    running = [pid for pid in workers if alive(pid)]
+    time.sleep(1)
+    assert not running and len(os.listdir(out)) == written, 'the workers stopped with the main process'
+
+
+def alive(pid):
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] not in ('Z', 'X')
+    except FileNotFoundError:
+        return False
+
+
+def test_resize_keeps_an_animated_gif_and_skips_broken_and_odd_pictures(tmp_path):
+    src, out = tmp_path / 'raw', tmp_path / 'out'
+    src.mkdir()
+    frames = [Image.new('RGB', (30, 20), colour) for colour in ('red', 'blue', 'green')]
+    frames[0].save(src / 'moving.gif', save_all=True, append_images=frames[1:], duration=100, loop=0)
+    (src / 'empty.jpg').write_bytes(b'')
+    Image.new('RGB', (1, 1), 'red').save(src / 'dot.png')
+    Image.new('RGB', (10, 4000), 'blue').save(src / 'pole.png')
+    args = ['--image_dir', src, '--output_dir', out, '--image_size', 24, '--num_workers', 0]
+    proc = run('resize.py', *args)
+    assert 'Resized 3 images, skipped 0 (already done), 1 not images/corrupt: empty.jpg' in proc.stdout
+    assert sorted(os.listdir(out)) == ['dot.png', 'moving.gif', 'pole.png']
+    assert all(Image.open(out / n).size == (24, 24) for n in os.listdir(out))
+    before = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    proc = run('resize.py', *args)
+    assert 'Resized 0 images, skipped 3 (already done), 1 not images/corrupt' in proc.stdout
+    assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == before, 'the GIF is not redone'
