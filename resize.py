@@ -9,9 +9,10 @@ Example:
     python resize.py --image_dir data/train2014/ --output_dir data/resized2014/ --image_size 256
 """
 import argparse
+import ctypes
 import functools
+import io
 import os
-import re
 import signal
 import sys
 from multiprocessing import Pool
@@ -20,23 +21,26 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_loader import to_rgb
+from utils import atomic_write, fail, remove_stale_temporaries
 
+PROG = 'resize.py'
 COCO_IMAGES_URL = 'http://images.cocodataset.org/zips/train2014.zip'
 
 # What Pillow raises for a file that is not an image, or a damaged one. Anything else
 # (a bug, a full disk) should stop the run rather than be counted as a bad file.
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-# resize_one writes output_dir/.NAME.PID.tmp, then renames it to output_dir/NAME
-TMP_NAME = re.compile(r'^\..+\.\d+\.tmp$')
+# formats that store only palette or grayscale pictures: an RGB picture saved as one reads back as 'P'
+PALETTE_FORMATS = ('GIF',)
 
 
 def is_done(path, size):
-    """True if path is already a complete output: an RGB image of size x size that decodes."""
+    """True if path is already a complete output: a size x size image that decodes, in RGB
+    (or in the palette its format is limited to)."""
     try:
         with Image.open(path) as image:
             image.load()  # decode it all: a truncated file fails here, not at training time
-            return image.size == (size, size) and image.mode == 'RGB'
+            return image.size == (size, size) and (image.mode == 'RGB' or image.format in PALETTE_FORMATS)
     except READ_ERRORS:  # missing (FileNotFoundError is an OSError), truncated, or not an image
         return False
 
@@ -51,7 +55,8 @@ def save_format(name):
 
 def resize_one(name, image_dir, output_dir, size):
     """Resize image_dir/name into output_dir/name. Returns (status, name, why) with status
-    'done' (already there), 'resized' or 'bad' (not an image, or corrupt; why says what)."""
+    'done' (already there), 'resized', 'bad' (not an image, or corrupt; why says what) or
+    'unwritable' (the output could not be written, e.g. a full disk; why says what)."""
     out = os.path.join(output_dir, name)
     if is_done(out, size):
         return 'done', name, None
@@ -60,22 +65,40 @@ def resize_one(name, image_dir, output_dir, size):
             image = to_rgb(image).resize((size, size), Image.Resampling.LANCZOS)  # LANCZOS was ANTIALIAS
     except READ_ERRORS as e:
         return 'bad', name, f'{type(e).__name__}: {e}'
-    # write under a temporary name, then rename: os.replace is atomic, so an interrupted
-    # run never leaves a half-written image with the final name
-    tmp = os.path.join(output_dir, f'.{name}.{os.getpid()}.tmp')
+    # Encode in memory, then write the bytes under a temporary name and rename it. Pillow
+    # writing straight into a file ignores a short write (a disk that fills up mid-picture)
+    # and reports success on a truncated file; Python's own file writes raise instead.
     fmt = save_format(name)
+    encoded = io.BytesIO()
+    image.save(encoded, fmt, **({'quality': 95} if fmt == 'JPEG' else {}))  # Pillow's default JPEG quality is 75
     try:
-        image.save(tmp, fmt, **({'quality': 95} if fmt == 'JPEG' else {}))  # Pillow's default JPEG quality is 75
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        # no fsync: a file cut short by a power cut fails is_done and is redone on the next run
+        with atomic_write(out, 'wb', fsync=False) as f:
+            f.write(encoded.getbuffer())
+    except OSError as e:
+        return 'unwritable', name, e.strerror or str(e)
     return 'resized', name, None
 
 
-def ignore_ctrl_c():
-    """Ctrl-C reaches every process of the run: only the main one reports it, and stops the pool."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def init_worker(parent):
+    """Set up a pool worker: it ignores Ctrl-C, and dies with the main process `parent`.
+
+    Ctrl-C reaches every process of the run: only the main one reports it, and stops the
+    pool. A SIGKILLed main process cannot stop the pool, so on Linux the kernel is asked
+    to kill the worker when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere the pool's
+    workers finish the pictures they were handed.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith('linux'):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def run_all(work, names, num_workers):
@@ -87,14 +110,8 @@ def run_all(work, names, num_workers):
     # 16 images (about half a second of work) per message keeps the pool's overhead
     # negligible; fewer for a small folder, so that every worker gets some
     chunksize = max(1, min(16, len(names) // (4 * num_workers)))
-    with Pool(num_workers, initializer=ignore_ctrl_c) as pool:
+    with Pool(num_workers, initializer=init_worker, initargs=(os.getpid(),)) as pool:
         yield from pool.imap_unordered(work, names, chunksize)
-
-
-def fail(message):
-    """Bad input: one line saying what is wrong and how to fix it, exit code 2, no traceback."""
-    print(f'resize.py: error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv=None):
@@ -114,21 +131,19 @@ def main(argv=None):
     print(vars(args))
 
     if not os.path.isdir(args.image_dir):
-        fail(f'image folder {args.image_dir} not found: download {COCO_IMAGES_URL} and unzip it into data/ '
+        fail(PROG, f'image folder {args.image_dir} not found: download {COCO_IMAGES_URL} and unzip it into data/ '
              f'(or pass --image_dir)')
     if os.path.realpath(args.image_dir) == os.path.realpath(args.output_dir):
-        fail('--output_dir is --image_dir: resizing in place would overwrite the originals; give another folder')
+        fail(PROG, '--output_dir is --image_dir: resizing in place would overwrite the originals; give another folder')
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
-        fail(f'cannot make --output_dir {args.output_dir}: {e.strerror}')
+        fail(PROG, f'cannot make --output_dir {args.output_dir}: {e.strerror}')
     if not os.access(args.output_dir, os.W_OK):
-        fail(f'cannot write into --output_dir {args.output_dir}: pick a folder you own')
+        fail(PROG, f'cannot write into --output_dir {args.output_dir}: pick a folder you own')
 
     # a run that was killed may have left temporary files: they are never finished images
-    for name in os.listdir(args.output_dir):
-        if TMP_NAME.match(name):
-            os.remove(os.path.join(args.output_dir, name))
+    remove_stale_temporaries(args.output_dir)
 
     # sorted: the same order (and the same warnings) on every run; hidden files
     # (.DS_Store, our own temporary files) are not inputs
@@ -137,12 +152,19 @@ def main(argv=None):
     work = functools.partial(resize_one, image_dir=args.image_dir, output_dir=args.output_dir, size=args.image_size)
     counts, bad = {'resized': 0, 'done': 0, 'bad': 0}, []
     try:
-        for status, name, why in tqdm(run_all(work, names, args.num_workers), total=len(names),
-                                      desc='resizing', unit=' images'):
-            counts[status] += 1
-            if status == 'bad':
-                bad.append(name)
-                tqdm.write(f'warning: skipped {name}: not an image or corrupt ({why})', file=sys.stderr)
+        # the bar only on a terminal: in a log file its redraws are noise
+        with tqdm(run_all(work, names, args.num_workers), total=len(names), desc='resizing', unit=' images',
+                  disable=None) as bar:
+            for status, name, why in bar:
+                if status == 'unwritable':
+                    bar.close()
+                    fail(PROG, f"cannot write {os.path.join(args.output_dir, name)} ({why}): free some space (or "
+                               f"pick another --output_dir) and run the same command again; the "
+                               f"{counts['resized'] + counts['done']} pictures finished are complete and kept")
+                counts[status] += 1
+                if status == 'bad':
+                    bad.append(name)
+                    tqdm.write(f'warning: skipped {name}: not an image or corrupt ({why})', file=sys.stderr)
     except KeyboardInterrupt:
         # finished images are complete files (see resize_one), so nothing is lost
         print(f"interrupted after resizing {counts['resized']} images: run the same command again to finish",
