@@ -28,10 +28,10 @@ One .npy holds every view of every image of one caption file::
 
 The file name is the first 16 hex digits of a sha256 over everything that determines the
 numbers in it: every image's (id, file name, size, mtime), crop_size, views, seed (views > 1),
-encoder_id, a digest of the ResNet's weights, the autocast dtype, the feature size and
-FORMAT. Change any of them and the name changes, so a stale cache is never found, let alone
-used. A cache is valid only if its meta json (written last, atomically) says complete, carries
-the full key, and the .npy has exactly the expected shape, dtype and file size.
+encoder_id, the ResNet's weights (EncoderCNN.fingerprint), the autocast dtype, the feature
+size and FORMAT. Change any of them and the name changes, so a stale cache is never found,
+let alone used. A cache is valid only if its meta json (written last, atomically) says
+complete, carries the full key, and the .npy has exactly the expected shape, dtype and size.
 
 Views and augmentation (the README has the whole trade-off):
     views=1   view 0 only: training without augmentation, exactly as with centre crops.
@@ -44,7 +44,9 @@ import inspect
 import json as jsonlib
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -52,11 +54,12 @@ import numpy as np
 import torch
 import torch.utils.data as data
 import torchvision.transforms.functional as TF
-from pycocotools.coco import COCO
 from tqdm import tqdm
 
 import data_loader
-from data_loader import IMAGENET_MEAN, IMAGENET_STD, encode_caption, image_transform, open_rgb
+from data_loader import (IMAGENET_MEAN, IMAGENET_STD, encode_caption, existing_images, image_transform, load_coco,
+                         open_rgb)
+from utils import atomic_write, file_sha256, remove_stale_temporaries
 from vocab import tokenize
 
 try:  # advisory lock so two independent runs never fill the same .partial (POSIX only)
@@ -82,18 +85,68 @@ def _say(message):
     print(f'feature cache: {message}', flush=True)
 
 
-def weights_digest(encoder):
-    """sha256 of the frozen ResNet's parameters and buffers (BatchNorm statistics included).
+def native_bf16(device='cpu'):
+    """True where `device` computes in bfloat16 natively, so that bf16 autocast speeds up the
+    frozen ResNet: a CPU with Intel AMX or AVX512-BF16 (oneDNN then runs bf16 convolutions on
+    them), or a CUDA GPU of compute capability 8.0 or more. Elsewhere bf16 is emulated, slower
+    than float32, and the answer is False."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != 'cpu' or not torch.backends.mkldnn.is_available():
+        return False
+    return bool(cpu_flags() & {'amx_bf16', 'avx512_bf16'})
 
-    encoder_id names the weights; this checks them, so that e.g. 'random:seed=0' under another
-    torch version (which may initialise differently) gets its own cache. About 0.15 s on a CPU.
-    """
-    h = hashlib.sha256()
-    for name, tensor in encoder.resnet.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        h.update(f'{name}:{tuple(tensor.shape)}:{tensor.dtype}'.encode())
-        h.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # raw bytes: bf16 too
-    return h.hexdigest()
+
+def cpu_flags():
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo ('avx512f', 'amx_bf16', ...);
+    an empty set on other systems."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('flags'):
+                    return set(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@contextlib.contextmanager
+def channels_last(module):
+    """Run the block with `module`'s 4-D weights in channels-last layout, then give them back
+    the layout they had (the caller's module is left as it was; its values never change)."""
+    weights = [p for p in module.parameters() if p.dim() == 4]
+    if all(p.is_contiguous(memory_format=torch.channels_last) for p in weights):
+        yield
+        return
+    module.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        module.to(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def _removed_on_sigterm(path):
+    """While the block runs, a SIGTERM that would kill the process (no handler installed)
+    removes `path` first and then kills it all the same. An installed handler, such as
+    train.py's, which raises KeyboardInterrupt, is left alone: the caller cleans up then."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def remove_and_die(signum, frame):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, remove_and_die)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def random_view(image, crop_size, generator):
@@ -154,7 +207,8 @@ class FeatureCache:
         views: V, crops cached per image: view 0 is the centre crop, views 1..V-1 random
             crops + flips. Default: 1
         encoder_id: names the ResNet's weights, e.g. 'imagenet:IMAGENET1K_V1', 'random:seed=0',
-            'file:<sha1>' (checkpoint.encoder_id). Default: 'unnamed'
+            'file:<sha1>' (checkpoint.encoder_id); the key also holds encoder.fingerprint(), which
+            checks them. Default: 'unnamed'
         cache_dir: where the files go. Default: features/ beside `root`
         seed: seeds the random views (only part of the key when views > 1). Default: 0
         amp_dtype: autocast dtype of the build (torch.bfloat16, torch.float16) or None for
@@ -162,7 +216,8 @@ class FeatureCache:
 
     Attributes:
         features: after load/build, the read-only np.memmap of shape (V, N, D), float32
-        image_ids: list of N COCO image ids, the rows in order
+        image_ids: list of N COCO image ids, the rows in order: the captioned images whose
+            picture is in `root` (data_loader.existing_images)
         row: dict COCO image id -> row
         coco: the pycocotools COCO of `json` (loaded on first use)
 
@@ -197,12 +252,11 @@ class FeatureCache:
     @property
     def coco(self):
         if self._coco is None:
-            if not os.path.isfile(self.json):
-                raise FileNotFoundError(f"FeatureCache: caption file {self.json} not found; download COCO's "
-                                        f"annotations into data/annotations (see the README)")
-            self._coco = COCO(self.json)
-            # the unique images that have a caption, by id: the rows of the cache
-            self._image_ids = sorted({ann['image_id'] for ann in self._coco.anns.values()})
+            # checked as CocoDataset checks it: a bad caption file is one ValueError or FileNotFoundError
+            self._coco = load_coco(self.json)
+            # the captioned images whose picture is there, by id: the rows of the cache (a few
+            # missing pictures are left out with a note, as CocoDataset leaves out their captions)
+            self._image_ids = existing_images(self._coco, self.root)
             self._row = {image_id: row for row, image_id in enumerate(self._image_ids)}
         return self._coco
 
@@ -227,7 +281,7 @@ class FeatureCache:
         for image_id, path in zip(self.image_ids, self.paths()):
             try:
                 st = os.stat(path)
-            except FileNotFoundError:
+            except FileNotFoundError:  # deleted since existing_images looked
                 missing.append(path)
                 continue
             # size and mtime_ns: resize.py (re)writing an image changes them; hashing the
@@ -246,7 +300,7 @@ class FeatureCache:
             'views': self.views,
             'seed': self.seed if self.views > 1 else None,  # view 0 does not depend on it
             'encoder_id': self.encoder_id,
-            'weights': weights_digest(encoder),
+            'weights': encoder.fingerprint(),
             'amp_dtype': None if self.amp_dtype is None else str(self.amp_dtype).replace('torch.', ''),
             'dim': encoder.linear.in_features,
         }
@@ -390,6 +444,7 @@ class FeatureCache:
                 if stale == partial:
                     _say(f'removing {os.path.basename(partial)}, left by an interrupted build')
                 os.remove(stale)
+        remove_stale_temporaries(self.cache_dir)  # a killed run's half-written meta or captions
         free = shutil.disk_usage(self.cache_dir).free
         if free < nbytes:
             raise OSError(f"FeatureCache: the cache needs {nbytes / 1e9:.2f} GB but {self.cache_dir} has "
@@ -402,27 +457,29 @@ class FeatureCache:
         # batch_size counts crops, as one ResNet batch; each item brings all V views of an image
         loader = data.DataLoader(images, batch_size=max(1, batch_size // self.views), shuffle=False,
                                  num_workers=num_workers, pin_memory=device.type == 'cuda')
-        out = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float32, shape=shape)
+        # An error, Ctrl-C or SIGTERM leaves nothing behind; only a SIGKILL leaves the .partial,
+        # which the next build deletes.
         try:
-            self._fill(out, encoder, device, loader)
-            out.flush()
+            with _removed_on_sigterm(partial):
+                out = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float32, shape=shape)
+                self._fill(out, encoder, device, loader)
+                out.flush()
+                del out
+                # on disk for real before the rename, and the rename before the meta that vouches for it
+                with open(partial, 'rb+') as f:
+                    os.fsync(f.fileno())
+                os.replace(partial, self.path)
         except BaseException:
-            # an error or Ctrl-C: leave nothing behind (a SIGKILL leaves the .partial, which the
-            # next build deletes)
-            del out
-            os.remove(partial)
+            with contextlib.suppress(OSError):
+                os.remove(partial)
             raise
-        del out
-        # on disk for real before the rename, and the rename before the meta that vouches for it
-        with open(partial, 'rb+') as f:
-            os.fsync(f.fileno())
-        os.replace(partial, self.path)
         seconds = time.time() - tic
         meta = {'key': self.key, 'complete': True, 'shape': list(shape), 'dtype': 'float32',
                 'ingredients': ingredients, 'root': os.path.abspath(self.root), 'json': os.path.abspath(self.json),
                 'created': time.strftime('%Y-%m-%dT%H:%M:%S'), 'build_seconds': round(seconds, 3),
                 'device': str(device), 'torch': torch.__version__}
-        _write_json(self.meta_path, meta)
+        with atomic_write(self.meta_path, 'w') as f:  # a reader sees the old meta or the whole new one
+            jsonlib.dump(meta, f, indent=1)
 
         features, why = self._check(ingredients)
         assert features is not None, f'the cache just built does not check: {why}'
@@ -435,13 +492,18 @@ class FeatureCache:
         """Run the ResNet over every batch of views, writing into out: (V, N, D)."""
         bar = tqdm(total=out.shape[1], unit='img', desc='feature cache', disable=not sys.stderr.isatty(),
                    leave=False, dynamic_ncols=True)
-        with torch.inference_mode(), bar:
+        # Channels-last (NHWC) is the layout cuDNN's and oneDNN's fast convolutions work in, above
+        # all their bf16 ones. On the CPU in float32 the ResNet keeps train.py's NCHW, so that the
+        # cached features are the ones the pictures give there, to the last rounding.
+        nhwc = device.type == 'cuda' or self.amp_dtype is not None
+        layout = channels_last(encoder.resnet) if nhwc else contextlib.nullcontext()
+        with layout, torch.inference_mode(), bar:  # the layout changes outside inference mode
             for rows, crops in loader:                                 # crops: (B, V, 3, crop, crop)
                 start, stop = int(rows[0]), int(rows[-1]) + 1
                 assert stop - start == len(rows), 'the image loader must keep row order'
                 x = crops.to(device, non_blocking=True).flatten(0, 1)  # (B*V, 3, crop, crop)
-                if device.type == 'cuda':
-                    x = x.contiguous(memory_format=torch.channels_last)  # as train.py feeds it
+                if nhwc:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     feats = encoder.extract(x)                         # (B*V, D)
                 feats = feats.float().cpu().numpy().reshape(len(rows), self.views, -1)  # (B, V, D)
@@ -456,21 +518,11 @@ class FeatureCache:
         return state
 
 
-def _write_json(path, obj):
-    """Write atomically: a reader sees the old file or the whole new one, never half."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        jsonlib.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class FeatureDataset(data.Dataset):
     r"""CocoDataset's items with the image replaced by its cached ResNet feature.
 
-    One item per caption annotation, in CocoDataset's order (sorted annotation ids), so the
-    two are interchangeable index for index.
+    One item per caption annotation of a picture in the cache, in CocoDataset's order (sorted
+    annotation ids), so the two are interchangeable index for index.
 
     Args:
         cache: a FeatureCache after load_or_build (or load)
@@ -497,7 +549,9 @@ class FeatureDataset(data.Dataset):
         self.path, self.shape = cache.path, cache.features.shape  # (V, N, D)
         self._features = cache.features
         coco = cache.coco
-        self.ids = np.array(sorted(coco.anns), dtype=np.int64)                # annotation ids, item order
+        # annotation ids, item order; captions of missing pictures are left out, as CocoDataset's
+        self.ids = np.array(sorted(i for i, ann in coco.anns.items() if ann['image_id'] in cache.row),
+                            dtype=np.int64)
         self.image_ids = np.array([coco.anns[i]['image_id'] for i in self.ids.tolist()], dtype=np.int64)
         self.rows = np.array([cache.row[i] for i in self.image_ids.tolist()], dtype=np.int64)
         self.tokens, self.offsets = self._encode(cache, vocab)
@@ -505,7 +559,7 @@ class FeatureDataset(data.Dataset):
     def _encode(self, cache, vocab):
         """All captions as ids: tokens[offsets[i]:offsets[i+1]] is item i's caption."""
         words = getattr(vocab, 'word2idx', None) or {w: i for i, w in enumerate(vocab.words())}
-        key = _digest(FORMAT, _file_digest(cache.json), sorted(words.items()), vocab('<unk>'),
+        key = _digest(FORMAT, file_sha256(cache.json), sorted(words.items()), vocab('<unk>'),
                       inspect.getsource(data_loader.encode_caption), inspect.getsource(tokenize),
                       getattr(sys.modules.get('nltk'), '__version__', None))
         path = os.path.join(cache.cache_dir, f'captions-{key[:16]}.npz')
@@ -525,9 +579,8 @@ class FeatureDataset(data.Dataset):
         tokens = np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         try:
-            tmp = f'{path}.tmp{os.getpid()}.npz'
-            np.savez(tmp, key=np.array(key), ids=self.ids, tokens=tokens, offsets=offsets)
-            os.replace(tmp, path)
+            with atomic_write(path) as f:  # np.savez given a file object adds no '.npz' to the name
+                np.savez(f, key=np.array(key), ids=self.ids, tokens=tokens, offsets=offsets)
         except OSError as e:  # a read-only cache_dir costs speed, not correctness
             warnings.warn(f'FeatureDataset: cannot save encoded captions to {path} ({e})')
         return tokens, offsets
@@ -565,11 +618,3 @@ class FeatureDataset(data.Dataset):
         state['_features'] = None  # reopened lazily: a pickled memmap would be a full copy
         return state
 
-
-def _file_digest(path):
-    """sha256 of a file's bytes (COCO's train captions: 90 MB, a fraction of a second)."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()

@@ -7,21 +7,27 @@ several shapes; they use `small_encoder`, an EncoderCNN whose ResNet is a two-la
 what they test (keys, files, views, captions) does not depend on the network.
 """
 import copy
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import feature_cache
-from conftest import make_tiny_coco
+from conftest import REPO, TINY_MODEL, make_tiny_coco, run
 from data_loader import CocoDataset, collate_fn, image_transform, open_rgb
-from feature_cache import FeatureCache, FeatureDataset, random_view, view_seed
+from feature_cache import FeatureCache, FeatureDataset, native_bf16, random_view, view_seed
 from model import EncoderCNN
+from utils import file_sha256
 from vocab import SPECIAL_TOKENS, Vocabulary, tokenize
 
 CROP = 32
@@ -127,6 +133,42 @@ def test_second_load_does_not_run_the_cnn(coco_set, small_encoder, tmp_path, cal
     assert np.array_equal(cache.load(small_encoder), first)
 
 
+def old_weights_digest(encoder):
+    """feature_cache.weights_digest as it was before the cache keyed on EncoderCNN.fingerprint()
+    (verbatim): the caches already on disk carry this digest in their keys."""
+    h = hashlib.sha256()
+    for name, tensor in encoder.resnet.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f'{name}:{tuple(tensor.shape)}:{tensor.dtype}'.encode())
+        h.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # raw bytes: bf16 too
+    return h.hexdigest()
+
+
+def old_file_digest(path):
+    """feature_cache._file_digest as it was (verbatim), which keyed the encoded captions."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_keys_of_existing_caches_stay_valid(coco_set, encoder, small_encoder, tmp_path):
+    for net in (encoder, small_encoder):
+        assert net.fingerprint() == old_weights_digest(net)
+    cache = make_cache(*coco_set, tmp_path)
+    ingredients = cache.ingredients(encoder)
+    assert ingredients['weights'] == old_weights_digest(encoder)
+    # the key is the same digest of the same ingredients
+    cache.load(encoder)
+    assert cache.key == feature_cache._digest({**ingredients, 'weights': old_weights_digest(encoder)})
+    assert file_sha256(coco_set[1]) == old_file_digest(coco_set[1])
+    # a channels-last ResNet (train.py's on CUDA) has the same fingerprint
+    other = copy.deepcopy(small_encoder)
+    other.resnet.to(memory_format=torch.channels_last)
+    assert other.fingerprint() == small_encoder.fingerprint()
+
+
 # (3) what the key depends on ---------------------------------------------------------------
 
 def test_changed_image_or_setting_builds_a_new_cache(own_set, small_encoder, tmp_path, calls, capsys):
@@ -177,9 +219,45 @@ def test_missing_image_and_bad_arguments(own_set, small_encoder, tmp_path):
     with pytest.raises(ValueError, match='views'):
         make_cache(*own_set, tmp_path, views=0)
     cache = make_cache(*own_set, tmp_path)
-    os.remove(cache.paths()[1])
+    os.remove(cache.paths()[1])  # after the cache listed its pictures
     with pytest.raises(FileNotFoundError, match='resize.py'):
         build(cache, small_encoder)
+
+
+def test_a_few_missing_pictures_are_left_out_most_refused(own_set, small_encoder, vocab, tmp_path, capsys):
+    image_dir, caption_path = own_set
+    paths = make_cache(*own_set, tmp_path).paths()
+    os.remove(paths[1])  # resize.py skipped a corrupt picture
+    cache = make_cache(*own_set, tmp_path)
+    features = build(cache, small_encoder)
+    assert features.shape == (1, 5, 2048) and len(cache.image_ids) == 5
+    assert re.search(r'note: 1 of 6 pictures .* are not in ', capsys.readouterr().err)
+    assert close(features[0], reference_features(cache, small_encoder))
+    # its captions are left out, item for item as CocoDataset leaves them out
+    cached = FeatureDataset(cache, vocab, train=False)
+    images = CocoDataset(image_dir, caption_path, vocab, image_transform(CROP, train=False))
+    assert len(cached) == len(images) == 10 and cached.item_image_ids() == images.item_image_ids()
+    for i in range(len(images)):
+        assert torch.equal(cached[i][1], images[i][1])
+        assert close(cached[i][0].numpy(), small_encoder.extract(images[i][0][None])[0].numpy())
+    for path in paths[2:5]:  # 4 of 6 missing: not the resized folder
+        os.remove(path)
+    with pytest.raises(FileNotFoundError, match='resize.py'):
+        build(make_cache(*own_set, tmp_path), small_encoder)
+
+
+def test_training_on_cached_features_with_a_missing_picture(tmp_path):
+    image_dir, caption_path = make_tiny_coco(str(tmp_path / 'coco'), n_images=8, size=48)
+    vocab_path = tmp_path / 'vocab.pkl'
+    run('build_vocab.py', '--caption_path', caption_path, '--vocab_path', vocab_path, '--threshold', 1)
+    os.remove(os.path.join(image_dir, sorted(os.listdir(image_dir))[3]))
+    out = run('train.py', '--image_dir', image_dir, '--caption_path', caption_path, '--vocab_path', vocab_path,
+              '--model_path', tmp_path / 'models', '--val_caption_path', tmp_path / 'no_val.json',
+              '--val_fraction', 0.25, *TINY_MODEL, '--augment', 'none', '--feature_cache', 'on',
+              '--num_epochs', 1, '--batch_size', 4)
+    assert 'note: 1 of 8 pictures' in out.stderr and 'Traceback' not in out.stderr
+    assert re.search(r'building features-\w+\.npy \(7 images x 1 views', out.stdout), out.stdout
+    assert os.path.isfile(tmp_path / 'models' / 'best.pt')
 
 
 # (4) partial and broken caches -------------------------------------------------------------
@@ -339,3 +417,92 @@ def test_feature_dataset_pickles_without_the_features(coco_set, small_encoder, v
 def test_dataset_needs_a_loaded_cache(coco_set, vocab, tmp_path):
     with pytest.raises(RuntimeError, match='load_or_build'):
         FeatureDataset(make_cache(*coco_set, tmp_path), vocab)
+
+
+# (7) signals while the cache is filled ---------------------------------------------------
+
+BUILD_SLOWLY = '''
+import signal, sys, time, torch
+sys.path.insert(0, {repo!r})
+from feature_cache import FeatureCache
+from model import EncoderCNN
+if {handler!r} == 'raise':  # train.py's: SIGTERM becomes a KeyboardInterrupt
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+class Encoder(torch.nn.Module):  # EncoderCNN's interface around a cheap, slow stand-in for the ResNet
+    fingerprint, extract = EncoderCNN.fingerprint, EncoderCNN.extract
+    def __init__(self):
+        super().__init__()
+        self.resnet = torch.nn.Sequential(torch.nn.Conv2d(3, 2048, 5, stride=4), torch.nn.AdaptiveAvgPool2d(1))
+        self.linear = torch.nn.Linear(2048, 8)
+encoder = Encoder().eval()
+encoder.resnet.register_forward_pre_hook(lambda module, inputs: time.sleep(0.3))  # 6 batches: ~2 s
+cache = FeatureCache({root!r}, {json!r}, 32, cache_dir={cache_dir!r})
+try:
+    cache.load_or_build(encoder, 'cpu', batch_size=1)
+except KeyboardInterrupt:
+    sys.exit(130)
+'''
+
+
+@pytest.mark.parametrize('signum, handler, returncode', [
+    (signal.SIGINT, 'none', 130),                        # Ctrl-C
+    (signal.SIGTERM, 'raise', 130),                      # under train.py's handler
+    (signal.SIGTERM, 'none', -signal.SIGTERM),           # no handler: it still dies of SIGTERM
+])
+def test_signal_during_build_removes_the_partial(coco_set, tmp_path, signum, handler, returncode):
+    cache_dir = tmp_path / 'features'
+    script = BUILD_SLOWLY.format(repo=REPO, handler=handler, root=coco_set[0], json=coco_set[1],
+                                 cache_dir=str(cache_dir))
+    proc = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cache_dir.is_dir() and any(n.endswith('.partial') for n in os.listdir(cache_dir))):
+        assert proc.poll() is None and time.time() < deadline, 'the build never started'
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == returncode, err
+    assert 'Traceback' not in err
+    assert [n for n in os.listdir(cache_dir) if not n.startswith('.')] == [], 'the build left files behind'
+
+
+# (8) the frozen forward's layout and precision -------------------------------------------
+
+def test_bf16_detection(monkeypatch):
+    for flags, native in [({'avx512f', 'amx_bf16', 'amx_tile'}, True), ({'avx512f', 'avx512_bf16'}, True),
+                          ({'avx2', 'avx512f'}, False), (set(), False)]:
+        monkeypatch.setattr(feature_cache, 'cpu_flags', lambda flags=flags: flags)
+        assert native_bf16('cpu') is native, flags
+    monkeypatch.setattr(feature_cache, 'cpu_flags', lambda: {'amx_bf16'})
+    monkeypatch.setattr(torch.backends.mkldnn, 'is_available', lambda: False)
+    assert native_bf16('cpu') is False, 'bf16 convolutions on the CPU come from oneDNN'
+    assert native_bf16('meta') is False
+
+
+@pytest.mark.parametrize('amp_dtype', [None, torch.bfloat16])
+def test_layout_of_the_frozen_forward(coco_set, small_encoder, tmp_path, amp_dtype):
+    """float32 on the CPU: train.py's NCHW; under autocast: channels-last. Either way the
+    encoder is handed back in the layout it came in."""
+    seen = []
+    conv = small_encoder.resnet[0]
+    handle = conv.register_forward_pre_hook(lambda module, inputs: seen.append(
+        (inputs[0].is_contiguous(memory_format=torch.channels_last) and inputs[0].shape[1] > 1,
+         module.weight.is_contiguous(memory_format=torch.channels_last))))
+    try:
+        build(make_cache(*coco_set, tmp_path, amp_dtype=amp_dtype), small_encoder)
+    finally:
+        handle.remove()
+    assert set(seen) == {(amp_dtype is not None,) * 2}
+    assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not native_bf16('cpu'), reason='this CPU has no native bf16 (AMX or AVX512-BF16)')
+def test_bf16_features_are_close_and_keyed_apart(coco_set, encoder, tmp_path):
+    fp32 = make_cache(*coco_set, tmp_path)
+    bf16 = make_cache(*coco_set, tmp_path, amp_dtype=torch.bfloat16)
+    a, b = np.array(build(fp32, encoder)), np.array(build(bf16, encoder))
+    assert fp32.key != bf16.key and fp32.path != bf16.path
+    assert b.dtype == np.float32 and np.isfinite(b).all()
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < 3e-2, 'bf16 features far from float32 ones'
+    assert not np.array_equal(a, b), 'the bf16 build ran in float32'
