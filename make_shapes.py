@@ -13,12 +13,11 @@ The scenes are built so that a captioner can learn them even through a frozen Re
 with *random* weights (the pipeline's, see checkpoint.scale_residual_branches): its pooled
 features keep the background and object colours, roughly where the objects are and how
 big; the count only weakly, and the shape (fine detail) not at all: that takes ImageNet
-weights. --probe measures this with a linear probe per attribute (held-out accuracy with
-the defaults: background 1.00, colour 0.88, position 0.71, size 0.76, count 0.53, shape
-0.36, against chance 0.23 / 0.23 / 0.25 / 0.51 / 0.39 / 0.37).
+weights. --probe measures this with a linear probe per attribute (docs/shapes.md has its
+results).
 
 The defaults suit a CPU demo: 96 x 96 pictures, fed to the ResNet as 84 x 84 centre
-crops (train.py --image_size 96 --crop_size 84), cost about 28 ms each on 2 CPU cores.
+crops (train.py --image_size 96 --crop_size 84).
 
 Everything comes from --seed: the same command writes byte-identical files, and picture
 i of a split does not depend on how many pictures are asked for.
@@ -42,6 +41,8 @@ import time
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from utils import atomic_write, remove_stale_temporaries
 
 # the palette: names are caption words; RGB values are far apart, so that even a blurry
 # colour summary (what random features keep) separates them
@@ -74,9 +75,8 @@ MARGIN = 0.08
 OFF_CENTRE = 0.12
 MIDDLE = 0.07
 # backgrounds vary by colour jitter and by pixel noise of std 0..NOISE, the same all over the
-# picture. No brightness gradient: with random encoder weights, a gradient of up to +-25
-# levels cut the linear-probe accuracy of 'position' from 0.73 to 0.49 (128 px pictures,
-# 600 train): to the pooled features a bright side looks like "something on the left")
+# picture. No brightness gradient: to random encoder features a bright side looks like
+# "something on the left", and --probe then reads the position far worse (docs/shapes.md)
 NOISE = 6
 SUPERSAMPLE = 4  # shapes are drawn 4x larger, then shrunk: smooth (antialiased) edges
 
@@ -202,19 +202,19 @@ def draw_scene(scene, objects, size, rng):
 
 
 def atomic_write_json(obj, path):
-    """Write obj to path as JSON via a temporary file, so a crash leaves no half file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
+    """Write obj to path as compact JSON; a crash leaves the old file or none, never half of one."""
+    with atomic_write(path, 'w') as f:
         json.dump(obj, f, indent=None, separators=(',', ':'), sort_keys=False)
         f.write('\n')
-    os.replace(tmp, path)
 
 
 def save_png(image, path):
-    """Pillow writes no timestamp into a PNG; fixed settings make the bytes repeatable."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    image.save(tmp, format='PNG', compress_level=6, optimize=False)
-    os.replace(tmp, path)
+    """Pillow writes no timestamp into a PNG; fixed settings make the bytes repeatable.
+
+    No fsync: every run writes every picture again, and the caption file, written last
+    and synced, is what a crash must not leave half-written."""
+    with atomic_write(path, fsync=False) as f:
+        image.save(f, format='PNG', compress_level=6, optimize=False)
 
 
 # image ids: train 1..., val 1000001...; annotation ids likewise per split, so the two
@@ -226,6 +226,7 @@ def make_split(split, num_images, args):
     """Draw, save and caption one split. Returns the COCO dict (also written to disk)."""
     image_dir = os.path.join(args.output_dir, 'images', split)
     os.makedirs(image_dir, exist_ok=True)
+    remove_stale_temporaries(image_dir)  # pictures a killed run was writing
     images, annotations = [], []
     for i in range(1, num_images + 1):
         # one rng per picture, seeded by (seed, split, index): picture i is the same

@@ -104,3 +104,14 @@ def test_bad_input_one_line_exit_2(tmp_path, flags, message):
     assert result.returncode == 2
     assert message in result.stderr and 'Traceback' not in result.stderr
     assert not (tmp_path / 'out').exists(), 'nothing may be written on bad input'
+
+
+def test_a_killed_runs_temporaries_are_removed(tmp_path):
+    generate(tmp_path, num_train=2, num_val=1)
+    image_dir = tmp_path / 'images' / 'train'
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    stale = image_dir / f'.shapes_train_000001.png.{int(dead.stdout)}.tmp'  # its writer is gone
+    stale.write_bytes(b'\x89PNG half a picture')
+    generate(tmp_path, num_train=2, num_val=1)
+    assert not stale.exists()
+    assert not [p for p in read_tree(tmp_path) if '.tmp' in p]
