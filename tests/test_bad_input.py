@@ -173,3 +173,68 @@ def test_resize_keeps_an_animated_gif_and_skips_broken_and_odd_pictures(tmp_path
     proc = run('resize.py', *args)
     assert 'Resized 0 images, skipped 3 (already done), 1 not images/corrupt' in proc.stdout
     assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == before, 'the GIF is not redone'
+
+
+# ---------------------------------------------------------------------------
+# Caption files: build_vocab.py, train.py and evaluate.py read them through data_loader.load_coco
+
+GOOD_IMAGES = [{'id': 100 + i, 'file_name': f'img_{i:03d}.png'} for i in range(6)]
+BAD_CAPTION_FILES = {
+    'truncated': ('{"images": [{"id": 100, "file_name": "img_000.png"}], "annotations": [{"id": 1, "caption": "a d',
+                  ['not valid JSON', 'truncated?', 'annotations_trainval2014.zip']),
+    'a list': (json.dumps([{'id': 1, 'caption': 'a dog'}]), ['expected a JSON object', 'got a list']),
+    'no annotations key': (json.dumps({'images': GOOD_IMAGES}), ["no 'annotations' list"]),
+    'unknown image_id': (json.dumps({'images': GOOD_IMAGES, 'annotations': [
+        {'id': 1, 'image_id': 100, 'caption': 'a dog'}, {'id': 2, 'image_id': 424242, 'caption': 'a cat'}]}),
+        ['annotation 2', 'image_id 424242', 'not among its 6 images']),
+    'no captions': (json.dumps({'images': GOOD_IMAGES, 'annotations': []}), ["'annotations' list is empty"]),
+}
+# each script with the cases it is tried on (every subprocess costs seconds)
+SCRIPT_CASES = [('build_vocab.py', case) for case in BAD_CAPTION_FILES] + \
+               [('train.py', 'truncated'), ('train.py', 'no captions'), ('evaluate.py', 'unknown image_id')]
+
+
+@pytest.mark.parametrize('script,case', SCRIPT_CASES)
+def test_bad_caption_file_is_one_line(tiny, tmp_path, script, case):
+    image_dir, _, vocab, _ = tiny
+    content, words = BAD_CAPTION_FILES[case]
+    bad = tmp_path / 'captions_train2014.json'
+    bad.write_text(content)
+    out = tmp_path / 'out'
+    args = {'build_vocab.py': ['--caption_path', bad, '--vocab_path', out / 'vocab.pkl'],
+            'train.py': [*train_args((image_dir, str(bad)), vocab, out, '--dry_run')],
+            'evaluate.py': ['--caption_path', bad, '--image_dir', image_dir, '--model_path', tiny[3],
+                            '--results_path', out / 'results.json', '--device', 'cpu']}[script]
+    line = one_line(run(script, *args, check=False), f'{script}: error: ', str(bad), *words)
+    assert 'Traceback' not in line and not out.exists(), 'nothing written'
+
+
+def resized_copy(image_dir, folder, keep):
+    """A resized folder holding only the pictures named in `keep` (as after resize.py skipped the others)."""
+    os.makedirs(folder)
+    for name in keep:
+        os.symlink(os.path.join(image_dir, name), os.path.join(folder, name))
+    return str(folder)
+
+
+def test_train_skips_a_few_missing_pictures_and_refuses_most(tiny, tmp_path):
+    image_dir, caption_path, vocab, _ = tiny
+    names = sorted(os.listdir(image_dir))
+    few = resized_copy(image_dir, tmp_path / 'few', names[1:])  # resize.py skipped one corrupt picture
+    proc = run('train.py', *train_args((few, caption_path), vocab, tmp_path / 'm1', '--dry_run'))
+    notes = [line for line in proc.stderr.splitlines() if line.startswith('note: 1 of 6 pictures')]
+    assert len(notes) == 1 and os.path.join(few, names[0]) in notes[0], proc.stderr
+    most = resized_copy(image_dir, tmp_path / 'most', names[:2])
+    proc = run('train.py', *train_args((most, caption_path), vocab, tmp_path / 'm2', '--dry_run'), check=False)
+    one_line(proc, f'4 of 6 pictures of {caption_path} are not in {most}: resize them first: python resize.py',
+             f'--output_dir {most}')
+
+
+def test_train_crop_larger_than_the_pictures(tiny, tmp_path):
+    image_dir, caption_path, vocab, _ = tiny
+    small = tmp_path / 'resized40'
+    run('resize.py', '--image_dir', image_dir, '--output_dir', small, '--image_size', 40, '--num_workers', 0)
+    proc = run('train.py', *train_args((str(small), caption_path), vocab, tmp_path / 'models', '--dry_run'),
+               '--crop_size', 48, '--image_size', 256, check=False)
+    one_line(proc, 'are 40 x 40', 'smaller than the 48 x 48 crop', '--crop_size 40 or less')
+    assert not (tmp_path / 'models').exists() or not os.listdir(tmp_path / 'models')
