@@ -7,34 +7,28 @@ Example:
 """
 import argparse
 import os
-import sys
 from collections import Counter
 
-from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from data_loader import load_coco
+from utils import fail
 from vocab import SPECIAL_TOKENS, Vocabulary, save_vocab, tokenize
 
-COCO_ANNOTATIONS_URL = 'http://images.cocodataset.org/annotations/annotations_trainval2014.zip'
+PROG = 'build_vocab.py'
 
 
 def count_words(coco):
     """Counter of every token in every caption of a pycocotools COCO object."""
     counter = Counter()
-    for ann in tqdm(coco.anns.values(), desc='tokenizing captions', unit=' captions'):
+    for ann in tqdm(coco.anns.values(), desc='tokenizing captions', unit=' captions', disable=None):
         counter.update(tokenize(ann['caption']))
     return counter
 
 
 def build_vocab(json, threshold):
     """The tutorial's function: the Vocabulary of the captions file json (a path)."""
-    return Vocabulary.build(count_words(COCO(json)), threshold)
-
-
-def fail(message):
-    """Bad input: one line saying what is wrong and how to fix it, exit code 2, no traceback."""
-    print(f'build_vocab.py: error: {message}', file=sys.stderr)
-    sys.exit(2)
+    return Vocabulary.build(count_words(load_coco(json)), threshold)
 
 
 def main(argv=None):
@@ -50,26 +44,19 @@ def main(argv=None):
     print(vars(args))
 
     # check the cheap things before tokenizing 400k captions
-    if not os.path.isfile(args.caption_path):
-        fail(f'{args.caption_path} not found: download {COCO_ANNOTATIONS_URL} and unzip it into data/ '
-             f'(or pass --caption_path)')
     if os.path.isdir(args.vocab_path):
-        fail(f'--vocab_path {args.vocab_path} is a folder: give a file name, e.g. {args.vocab_path}/vocab.pkl')
+        fail(PROG, f'--vocab_path {args.vocab_path} is a folder: give a file name, e.g. {args.vocab_path}/vocab.pkl')
     try:
-        coco = COCO(args.caption_path)
-    except (ValueError, AssertionError, KeyError):  # json.JSONDecodeError is a ValueError; COCO asserts a dict
-        fail(f'{args.caption_path} is not a COCO annotation file (JSON with "images" and "annotations")')
-    if not coco.anns:
-        fail(f'{args.caption_path} holds no captions')
-    if not all('caption' in ann for ann in coco.anns.values()):  # e.g. instances_train2014.json
-        fail(f'{args.caption_path} has annotations without a "caption": pass a captions_*.json file')
+        coco = load_coco(args.caption_path)  # refuses a missing, truncated or non-caption file in one line
+    except (FileNotFoundError, ValueError) as e:
+        fail(PROG, e)
     counter = count_words(coco)
 
     vocab = Vocabulary.build(counter, args.threshold)
     try:
         save_vocab(vocab, args.vocab_path)
     except OSError as e:
-        fail(f'cannot write {args.vocab_path}: {e.strerror}')
+        fail(PROG, f'cannot write {args.vocab_path} ({e.strerror or e}): pass a --vocab_path you can write to')
     kept = len(vocab) - len(SPECIAL_TOKENS)
     print(f'Kept {kept} of {len(counter)} distinct words (used at least {args.threshold} times)')
     print(f'Total vocabulary size: {len(vocab)}')

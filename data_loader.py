@@ -89,6 +89,9 @@ def _coco_problem(dataset):
     return None
 
 
+_NOTED = set()  # (caption file, folder) pairs whose missing pictures were noted
+
+
 def existing_images(coco, root):
     """Sorted ids of the captioned images of `coco` whose file is in `root`.
 
@@ -103,7 +106,8 @@ def existing_images(coco, root):
         raise FileNotFoundError(
             f'{len(missing)} of {len(captioned)} pictures of {where} are not in {root}: resize them first: '
             f'python resize.py --image_dir <folder of the original pictures> --output_dir {root}')
-    if missing:
+    if missing and (where, root) not in _NOTED:  # once, though training and validation both look
+        _NOTED.add((where, root))
         first = os.path.join(root, coco.imgs[missing[0]]['file_name'])
         print(f'note: {len(missing)} of {len(captioned)} pictures of {where} are not in {root} (e.g. {first}, '
               f'which resize.py may have skipped as corrupt); their captions are left out', file=sys.stderr)

@@ -14,6 +14,8 @@ import pickle
 
 from nltk.tokenize import word_tokenize
 
+from utils import atomic_write
+
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
 
 
@@ -123,16 +125,9 @@ class Vocabulary:
 
 def save_vocab(vocab, path):
     """Pickle vocab to path, atomically: an interrupted save leaves the old file, never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            pickle.dump(vocab, f, protocol=4)  # protocol 4: readable by every Python 3 still in use
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path) as f:
+        pickle.dump(vocab, f, protocol=4)  # protocol 4: readable by every Python 3 still in use
 
 
 # What a vocabulary pickle may name besides the Vocabulary class itself: protocols 0
