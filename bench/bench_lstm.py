@@ -10,9 +10,11 @@ Cases (sizes from the tutorial's decoder: E = 256, H = 512, 1 layer, batch 128):
     (c) greedy decoding: 20 single steps at batch 1 carrying the state, under no_grad
     (d) on CUDA: (a) and (c) against cuDNN, TF32 set the same way for both
 
-Every round runs every case and variant once, in alternating order, after a warm-up,
-and the table reports the median round; outputs and gradients are checked to agree
-before anything is timed.
+Each case runs nn.LSTM, my_LSTM's fused path (fused_lstm.py, the default) and its plain
+path (fused=False: DIY_LSTM's cell step by step, autograd for the backward), so the table
+shows what the fast path buys. Every round runs every case and variant once, in
+alternating order, after a warm-up, and the table reports the median round; outputs and
+gradients are checked to agree before anything is timed.
 """
 import argparse
 import os
@@ -25,10 +27,10 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import DIY_LSTM  # noqa: E402  (the repository root is not a package)
+import fused_lstm  # noqa: E402  (the repository root is not a package)
 from DIY_LSTM import my_LSTM  # noqa: E402
 
-# the issue's targets: my_LSTM time / nn.LSTM time at most this (None: report only)
+# targets for the fused path: my_LSTM time / nn.LSTM time at most this (None: report only)
 TARGETS = {'cpu': {'a': 0.75, 'b': 1.05, 'c': 0.5}, 'cuda': {'a': 2.0, 'c': None}}
 
 
@@ -36,8 +38,7 @@ def make_cases(args, device):
     """{case: (description, {variant: callable})} for one device; each callable runs once."""
     g = torch.Generator().manual_seed(args.seed)
     ref = nn.LSTM(args.embed_size, args.hidden_size, 1, batch_first=True).to(device)
-    mine = my_LSTM.from_lstm(ref)
-    models = {'nn.LSTM': ref, 'my_LSTM': mine}
+    models = {'nn.LSTM': ref, 'fused': my_LSTM.from_lstm(ref), 'plain': my_LSTM.from_lstm(ref, fused=False)}
     N, E = args.batch_size, args.embed_size
     # collate_fn sorts captions longest first, and pack_padded_sequence wants that too
     lengths = sorted(torch.randint(args.min_len, args.max_len + 1, (N,), generator=g).tolist(), reverse=True)
@@ -80,11 +81,13 @@ def make_cases(args, device):
             outs = fn()
             grads = [] if name == 'c' else [x.grad] + [g for _, g in sorted(lstm_grads(models[k]).items())]
             results[k] = [t.detach().clone() for t in outs + tuple(grads)]
-        for a, b in zip(results['nn.LSTM'], results['my_LSTM']):
-            err = (a.float() - b.float()).abs().max().item()
-            tol = args.atol * max(1.0, a.float().abs().max().item())
-            if err > tol:
-                sys.exit(f'bench_lstm.py: error: case ({name}) on {device}: my_LSTM differs from nn.LSTM by {err:.2e}')
+        for path in ('fused', 'plain'):
+            for a, b in zip(results['nn.LSTM'], results[path]):
+                err = (a.float() - b.float()).abs().max().item()
+                tol = args.atol * max(1.0, a.float().abs().max().item())
+                if err > tol:
+                    sys.exit(f'bench_lstm.py: error: case ({name}) on {device}: my_LSTM ({path}) differs from '
+                             f'nn.LSTM by {err:.2e}')
     return cases
 
 
@@ -120,7 +123,7 @@ def main(argv=None):
                         help="cpu, or cuda (adds case (d) against cuDNN). Default: cuda if available, else cpu")
     parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads for the CPU cases. Default: 2')
     parser.add_argument('--cpu_matmul', default='auto', choices=['auto', 'mkl', 'onednn'],
-                        help="library for my_LSTM's float32 CPU matmuls (DIY_LSTM.CPU_MATMUL): auto picks "
+                        help="library for the fused path's float32 CPU matmuls (fused_lstm.CPU_MATMUL): auto picks "
                              "oneDNN on AMD CPUs and MKL elsewhere. Default: auto")
     parser.add_argument('--tf32', type=int, default=0, choices=[0, 1],
                         help='allow TF32 on CUDA, for matmuls and cuDNN alike. Default: 0')
@@ -144,7 +147,7 @@ def main(argv=None):
     print(vars(args))
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    DIY_LSTM.CPU_MATMUL = args.cpu_matmul
+    fused_lstm.CPU_MATMUL = args.cpu_matmul
     devices = [torch.device('cpu')]
     if args.device.startswith('cuda'):
         # matched precision: cuDNN's RNN and our matmuls both use TF32, or neither does
@@ -158,20 +161,21 @@ def main(argv=None):
         cases = make_cases(args, device)
         times = time_rounds(cases, device, args)
         for c, (desc, _) in cases.items():
-            ref_ms = statistics.median(times[(c, 'nn.LSTM')]) * 1e3
-            my_ms = statistics.median(times[(c, 'my_LSTM')]) * 1e3
+            ms = {k: statistics.median(times[(c, k)]) * 1e3 for k in ('nn.LSTM', 'fused', 'plain')}
             target = TARGETS[device.type][c]
             name = f'({c}) {desc}' if device.type == 'cpu' else f'(d) {desc}, cuda vs cuDNN'
-            ok = '-' if target is None else ('yes' if my_ms / ref_ms <= target else 'NO')
-            rows.append((name, f'{ref_ms:.2f}', f'{my_ms:.2f}', f'{my_ms / ref_ms:.2f}x',
-                         '-' if target is None else f'<= {target}x', ok))
+            ratio = ms['fused'] / ms['nn.LSTM']
+            ok = '-' if target is None else ('yes' if ratio <= target else 'NO')
+            rows.append((name, f"{ms['nn.LSTM']:.2f}", f"{ms['fused']:.2f}", f'{ratio:.2f}x',
+                         '-' if target is None else f'<= {target}x', ok,
+                         f"{ms['plain']:.2f}", f"{ms['plain'] / ms['nn.LSTM']:.2f}x"))
     cpu = torch.backends.cpu.get_cpu_capability()
     # the load average says whether other work shared the cores while this ran
     print(f'torch {torch.__version__}, {args.threads} threads ({os.cpu_count()} cores, {cpu}), '
-          f'my_LSTM matmuls: {DIY_LSTM.cpu_matmul(torch.zeros(1))} ({DIY_LSTM._CPU_VENDOR or "unknown vendor"}), '
+          f'fused matmuls: {fused_lstm.cpu_matmul(torch.zeros(1))} ({fused_lstm._CPU_VENDOR or "unknown vendor"}), '
           f'median of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}'
           + (f', {torch.cuda.get_device_name()}' if len(devices) > 1 else ''))
-    header = ('case', 'nn.LSTM ms', 'my_LSTM ms', 'ratio', 'target', 'ok')
+    header = ('case', 'nn.LSTM ms', 'fused ms', 'ratio', 'target', 'ok', 'plain ms', 'plain ratio')
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: '| ' + ' | '.join(v.ljust(w) for v, w in zip(r, widths)) + ' |'
     print(line(header))

@@ -1,4 +1,5 @@
-"""my_LSTM against nn.LSTM with copied weights: outputs, states, gradients, errors, state dicts.
+"""my_LSTM against nn.LSTM with copied weights: outputs, states, gradients, errors, state dicts,
+on both paths (fused=True: fused_lstm.py; fused=False: DIY_LSTM's cell step by step).
 
     python -m pytest tests/test_diy_lstm.py -q
 """
@@ -14,7 +15,9 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 import DIY_LSTM
+import fused_lstm
 from DIY_LSTM import lstm_layer, my_LSTM, my_LSTMCell
+from model import DecoderRNN
 
 # nn.LSTM says so on every call with proj_size > 0; it is not about my_LSTM
 pytestmark = pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN')
@@ -79,24 +82,40 @@ CONFIGS = [dict(num_layers=nl, bidirectional=bd, proj_size=ps, bias=b)
 INPUTS = ['dense', 'dense_batch_first', 'packed_sorted', 'packed_unsorted', 'unbatched']
 
 
+def use_cpu_matmul(lib, monkeypatch):
+    monkeypatch.setattr(fused_lstm, 'CPU_MATMUL', lib)
+    if fused_lstm.cpu_matmul(torch.zeros(1)) != lib:
+        pytest.skip(f'{lib} is not available in this torch build')
+
+
 @pytest.fixture(params=['mkl', 'onednn'])
 def cpu_matmul(request, monkeypatch):
-    """Run the test on each CPU matmul library my_LSTM can call (DIY_LSTM.CPU_MATMUL)."""
-    monkeypatch.setattr(DIY_LSTM, 'CPU_MATMUL', request.param)
-    if DIY_LSTM.cpu_matmul(torch.zeros(1)) != request.param:
-        pytest.skip(f'{request.param} is not available in this torch build')
+    """Run the test on each CPU matmul library the fused path can call (fused_lstm.CPU_MATMUL)."""
+    use_cpu_matmul(request.param, monkeypatch)
     return request.param
 
 
-@pytest.mark.skipif(DIY_LSTM._ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available()
+@pytest.fixture(params=['fused-mkl', 'fused-onednn', 'plain'])
+def path(request, monkeypatch):
+    """fused: the value of my_LSTM's fused argument, for each path (and the fused one on each library)."""
+    if request.param == 'plain':
+        return False
+    use_cpu_matmul(request.param.split('-')[1], monkeypatch)
+    return True
+
+
+FUSED = pytest.mark.parametrize('fused', [True, False], ids=['fused', 'plain'])
+
+
+@pytest.mark.skipif(fused_lstm._ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available()
                     or not torch.backends.mkl.is_available(), reason='needs a torch build with oneDNN and MKL')
 def test_cpu_matmul_auto_follows_the_vendor(monkeypatch):
     x = torch.zeros(2, 3)
     for vendor, expected in (('AuthenticAMD', 'onednn'), ('GenuineIntel', 'mkl'), ('', 'mkl')):
-        monkeypatch.setattr(DIY_LSTM, '_CPU_VENDOR', vendor)
-        assert DIY_LSTM.cpu_matmul(x) == expected, vendor
-    assert DIY_LSTM.cpu_matmul(x.double()) == 'torch'             # float32 only
-    monkeypatch.setattr(DIY_LSTM, 'CPU_MATMUL', 'blas')
+        monkeypatch.setattr(fused_lstm, '_CPU_VENDOR', vendor)
+        assert fused_lstm.cpu_matmul(x) == expected, vendor
+    assert fused_lstm.cpu_matmul(x.double()) == 'torch'           # float32 only
+    monkeypatch.setattr(fused_lstm, 'CPU_MATMUL', 'blas')
     with pytest.raises(ValueError, match="CPU_MATMUL must be 'auto', 'mkl' or 'onednn', got 'blas'"):
         my_LSTM(H_IN, H)(torch.randn(3, 2, H_IN))
 
@@ -104,11 +123,11 @@ def test_cpu_matmul_auto_follows_the_vendor(monkeypatch):
 @pytest.mark.parametrize('with_hx', [False, True], ids=['no_hx', 'hx'])
 @pytest.mark.parametrize('kind', INPUTS)
 @pytest.mark.parametrize('cfg', CONFIGS, ids=lambda c: '-'.join(f'{k}={int(v)}' for k, v in c.items()))
-def test_matches_nn_lstm(cfg, kind, with_hx, cpu_matmul):
+def test_matches_nn_lstm(cfg, kind, with_hx, path):
     torch.manual_seed(0)
     batch_first = kind == 'dense_batch_first'
     ref = nn.LSTM(H_IN, H, batch_first=batch_first, **cfg)
-    m = my_LSTM.from_lstm(ref)
+    m = my_LSTM.from_lstm(ref, fused=path)
     make, leaves, N = make_input(kind.replace('_batch_first', ''), batch_first)
     hx = None
     if with_hx:
@@ -135,10 +154,11 @@ def test_matches_nn_lstm(cfg, kind, with_hx, cpu_matmul):
             assert (a is None and b is None) or torch.equal(a, b), name
 
 
-def test_float64_is_tighter():
+@FUSED
+def test_float64_is_tighter(fused):
     torch.manual_seed(0)
     ref = nn.LSTM(H_IN, H, num_layers=2, bidirectional=True, proj_size=3).double()
-    m = my_LSTM.from_lstm(ref)
+    m = my_LSTM.from_lstm(ref, fused=fused)
     make, leaves, _ = make_input('packed_unsorted', False, dtype=torch.float64)
     (_, d1, h1, c1, g1), (_, d2, h2, c2, g2) = run_both(ref, m, make, leaves, None)
     for a, b in zip([d1, h1, c1] + g1, [d2, h2, c2] + g2):
@@ -147,9 +167,10 @@ def test_float64_is_tighter():
         torch.testing.assert_close(g, ref.get_parameter(k).grad, atol=1e-12, rtol=1e-10)
 
 
-def test_gradcheck_inputs_and_parameters():
+@FUSED
+def test_gradcheck_inputs_and_parameters(fused):
     torch.manual_seed(0)
-    m = my_LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64)
+    m = my_LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64, fused=fused)
     seqs = [torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (2, 3, 1)]
     h0 = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -167,44 +188,89 @@ def test_gradcheck_inputs_and_parameters():
         out, (h, c) = functional_call(m, dict(zip(names, ps)), (x,))
         return out, h, c
     # fast mode checks random directions: all ~500 parameters in a second, not in twenty
+    # (functional_call's tensors are not the module's Parameters: the fused path concatenates them)
     assert torch.autograd.gradcheck(params_fn, params, fast_mode=True)
 
+    def own_params_fn(*ps):   # the module's own Parameters, which the fused path reads in place
+        out, (h, c) = m(x)
+        return out, h, c
+    assert torch.autograd.gradcheck(own_params_fn, list(m.parameters()), fast_mode=True)
 
-def test_gradcheck_dense_bias_free():
+
+@FUSED
+def test_gradcheck_dense_bias_free(fused):
     torch.manual_seed(0)
-    m = my_LSTM(3, 4, bias=False, batch_first=True, dtype=torch.float64)
+    m = my_LSTM(3, 4, bias=False, batch_first=True, dtype=torch.float64, fused=fused)
     x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: m(x)[0], (x,))
 
 
+def test_plain_path_has_gradients_of_gradients():
+    torch.manual_seed(0)
+    m = my_LSTM(3, 4, proj_size=2, dtype=torch.float64, fused=False)
+    seqs = [torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (3, 1)]
+    h0 = torch.randn(1, 2, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(a, b, h, c):
+        out, (h_n, c_n) = m(pack_sequence([a, b]), (h, c))
+        return out.data, h_n, c_n
+    assert torch.autograd.gradgradcheck(fn, (*seqs, h0, c0))
+
+
+def test_fused_path_refuses_gradients_of_gradients():
+    """create_graph=True through the hand-written backward raises, rather than giving zeros."""
+    torch.manual_seed(0)
+    m = my_LSTM(3, 4, dtype=torch.float64)
+    x = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = m(x)
+    with pytest.raises(RuntimeError, match='fused=False'):
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    # a gradient penalty on the plain path: its second derivative is there, and not zero
+    m.fused = False
+    out, _ = m(x)
+    g, = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    gg, = torch.autograd.grad(g.pow(2).sum(), x)
+    assert gg.abs().sum() > 0
+
+
 @pytest.mark.parametrize('proj_size', [0, 3])
 def test_fused_layer_equals_per_gate_cell(proj_size, cpu_matmul):
-    """lstm_layer (concatenated weights, hand-written backward) == my_LSTMCell, step by step."""
+    """fused_lstm.lstm_layer (flat weights, hand-written backward) == DIY_LSTM.lstm_layer ==
+    my_LSTMCell step by step, outputs and every gradient."""
     torch.manual_seed(0)
     cell = my_LSTMCell(H_IN, H, proj_size=proj_size)
     h_out = proj_size or H
-    x = torch.randn(6, 2, H_IN)                                                # (L, N, H_in)
-    h0, c0 = torch.randn(2, h_out), torch.randn(2, H)
-    out, h_n, c_n = lstm_layer(cell, x.view(-1, H_IN), [2] * 6, h0, c0)
+    x = torch.randn(6, 2, H_IN, requires_grad=True)                            # (L, N, H_in)
+    h0 = torch.randn(2, h_out, requires_grad=True)
+    c0 = torch.randn(2, H, requires_grad=True)
+    results = []
+    for layer in (fused_lstm.lstm_layer, lstm_layer):
+        out, h_n, c_n = layer(cell, x.view(-1, H_IN), [2] * 6, h0, c0)
+        grads = torch.autograd.grad((out.sin().sum() + h_n.sum() + c_n.cos().sum()),
+                                    [x, h0, c0] + list(cell.parameters()))
+        results.append((out, h_n, c_n) + grads)
     h, c = h0, c0
     steps = []
     for x_t in x:
         h, c = cell(x_t, (h, c))
         steps.append(h)
-    torch.testing.assert_close(out.view(6, 2, h_out), torch.stack(steps), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(h_n, h, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(c_n, c, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(results[1][0].view(6, 2, h_out), torch.stack(steps))
+    torch.testing.assert_close(results[1][1], h)
+    torch.testing.assert_close(results[1][2], c)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(DIY_LSTM._MKL_LINEAR is None, reason='torch built without MKL')
+@pytest.mark.skipif(fused_lstm._MKL_LINEAR is None, reason='torch built without MKL')
 @pytest.mark.parametrize('kind', ['dense', 'packed'])
 def test_packed_gemm_steps_match_nn_lstm(kind, monkeypatch):
     """The forward's per-step matmul on MKL's packed W_hh (steps with the whole batch) and
     plain addmm_ (the shrinking steps of a packed batch) agree with nn.LSTM, gradients included."""
-    monkeypatch.setattr(DIY_LSTM, 'CPU_MATMUL', 'mkl')
+    monkeypatch.setattr(fused_lstm, 'CPU_MATMUL', 'mkl')
     rows = []
-    mkl_linear = DIY_LSTM._MKL_LINEAR
-    monkeypatch.setattr(DIY_LSTM, '_MKL_LINEAR', lambda x, *args: rows.append(x.size(0)) or mkl_linear(x, *args))
+    mkl_linear = fused_lstm._MKL_LINEAR
+    monkeypatch.setattr(fused_lstm, '_MKL_LINEAR', lambda x, *args: rows.append(x.size(0)) or mkl_linear(x, *args))
     torch.manual_seed(0)
     ref = nn.LSTM(H_IN, H, batch_first=True)
     m = my_LSTM.from_lstm(ref)
@@ -240,10 +306,47 @@ def test_cell_matches_nn_lstmcell():
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
 
 
-def test_greedy_single_steps_equal_one_call(cpu_matmul):
+@pytest.mark.parametrize('bias', [True, False])
+def test_cell_state_dict_is_nn_lstmcells(bias):
+    """my_LSTMCell and nn.LSTMCell load each other's state dicts, strictly; per-gate keys load too."""
+    torch.manual_seed(0)
+    ref, cell = nn.LSTMCell(H_IN, H, bias=bias), my_LSTMCell(H_IN, H, bias=bias)
+    cell.load_state_dict(ref.state_dict())
+    x, hx = torch.randn(3, H_IN), (torch.randn(3, H), torch.randn(3, H))
+    torch.testing.assert_close(cell(x, hx)[0], ref(x, hx)[0], atol=1e-6, rtol=1e-5)
+    other = nn.LSTMCell(H_IN, H, bias=bias)
+    other.load_state_dict(my_LSTMCell(H_IN, H, bias=bias).state_dict())
+    assert list(cell.state_dict()) == list(ref.state_dict())
+    per_gate = {f'{name}.{p}': t for name, m in cell.named_children() for p, t in m.state_dict().items()}
+    assert 'fc_ig.weight' in per_gate
+    fresh = my_LSTMCell(H_IN, H, bias=bias)
+    fresh.load_state_dict(per_gate)
+    torch.testing.assert_close(fresh(x, hx)[0], ref(x, hx)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_gate_log_records_each_step():
+    torch.manual_seed(0)
+    m = my_LSTM(H_IN, H, batch_first=True, fused=False)
+    m.cells.l0.gate_log = log = []
+    x = torch.randn(2, 4, H_IN)
+    out, (h, c) = m(x)
+    assert len(log) == 4 and sorted(log[0]) == ['c', 'f', 'g', 'h', 'i', 'o']
+    assert all(t.shape == (2, H) and not t.requires_grad for step in log for t in step.values())
+    torch.testing.assert_close(torch.stack([s['h'] for s in log], 1), out)
+    torch.testing.assert_close(log[-1]['c'], c[0])
+    i, f, g, o = (log[0][k] for k in 'ifgo')
+    assert (0 < i).all() and (i < 1).all() and (g.abs() < 1).all()
+    torch.testing.assert_close(log[0]['c'], i * g)                   # c' = f * 0 + i * g
+    torch.testing.assert_close(log[0]['h'], o * torch.tanh(i * g))
+    m.cells.l0.gate_log = None
+    m(x)
+    assert len(log) == 4
+
+
+def test_greedy_single_steps_equal_one_call(path):
     """DecoderRNN.sample feeds (N, 1, E) steps and carries the state, under no_grad."""
     torch.manual_seed(0)
-    m = my_LSTM(H_IN, H, num_layers=2, batch_first=True)
+    m = my_LSTM(H_IN, H, num_layers=2, batch_first=True, fused=path)
     x = torch.randn(1, 6, H_IN)
     with torch.no_grad():
         full, (h_full, c_full) = m(x)
@@ -256,38 +359,98 @@ def test_greedy_single_steps_equal_one_call(cpu_matmul):
     torch.testing.assert_close(states[1], c_full)
 
 
-def test_inference_cache_follows_weight_updates():
+def _update(how, m, x):
+    """Change m's weights the way `how` says."""
+    if how in ('fused_adam', 'foreach_adam', 'sgd'):
+        opt = (torch.optim.SGD(m.parameters(), lr=0.5) if how == 'sgd' else
+               torch.optim.Adam(m.parameters(), lr=0.1, **{how.split('_')[0]: True}))
+        m(x)[0].pow(2).sum().backward()
+        opt.step()                       # fused and foreach Adam do not bump version counters
+    elif how == 'data_assign':
+        w = m.cells.l0.fc_hg.weight
+        w.data = torch.randn_like(w)
+    elif how == 'data_copy':
+        m.cells.l0.fc_ii.weight.data.copy_(torch.randn(H, H_IN))
+    elif how == 'load_state_dict':
+        m.load_state_dict(my_LSTM(H_IN, H).state_dict())
+    elif how == 'new_parameter':
+        m.cells.l0.fc_ho.weight = nn.Parameter(torch.randn(H, H))
+    elif how == 'to':
+        m.double().float()               # new tensors behind the same parameters, then updated in place
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1.5)
+
+
+@pytest.mark.parametrize('how', ['fused_adam', 'foreach_adam', 'sgd', 'data_assign', 'data_copy',
+                                 'load_state_dict', 'new_parameter', 'to'])
+def test_no_grad_forward_sees_every_weight_update(how):
+    """The fused path reads the parameters' own memory: never yesterday's weights."""
     torch.manual_seed(0)
     m = my_LSTM(H_IN, H)
     x = torch.randn(3, 2, H_IN)
+    step = x[:1]                                   # one step from a state: the greedy path
+    state = (torch.randn(1, 2, H), torch.randn(1, 2, H))
     with torch.no_grad():
-        before = m(x)[0]
-    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        before = m(x)[0], m(step, state)[0]
+    _update(how, m, x)
+    ref = m.to_lstm()
+    with torch.no_grad():
+        after = m(x)[0], m(step, state)[0]
+        expected = ref(x)[0], ref(step, state)[0]
+    for a, b, e in zip(before, after, expected):
+        assert not torch.allclose(a, b)
+        torch.testing.assert_close(b, e, atol=1e-5, rtol=1e-5)
+    # and training goes on from the new values, into the parameters the optimizer holds
+    m.zero_grad(set_to_none=True)
     m(x)[0].sum().backward()
-    opt.step()                                     # in place: bumps every parameter's version
-    with torch.no_grad():
-        after = m(x)[0]
-    fresh = m(x)[0].detach()                       # with grad: concatenated anew
-    assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, fresh)
-    m.load_state_dict(my_LSTM(H_IN, H).state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(m(x)[0], m.to_lstm()(x)[0], atol=1e-6, rtol=1e-5)
-    m.double()                                     # new tensors behind the same parameters
-    with torch.no_grad():
-        assert m(x.double())[0].dtype == torch.float64
+    ref(x)[0].sum().backward()
+    for k, g in lstm_grads(m).items():
+        torch.testing.assert_close(g, ref.get_parameter(k).grad, atol=1e-5, rtol=1e-5)
 
 
-def test_dropout_only_in_training():
+def test_decoder_trained_with_fused_adam_decodes_like_the_plain_path():
+    """Train a tiny DecoderRNN with fused Adam, decode greedily under no_grad between steps:
+    the fused path's tokens and states are the plain path's (stale weights would differ)."""
+    torch.manual_seed(0)
+    decoder = DecoderRNN(8, 16, vocab_size=12, num_layers=1, max_seq_length=6)
+    opt = torch.optim.Adam(decoder.parameters(), lr=0.05, fused=True)
+    features = torch.randn(4, 8)
+    captions = torch.randint(0, 12, (4, 5))
+    lengths = [5, 4, 4, 2]
+    targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+    seen = set()
+    for step in range(4):
+        decoder.train()
+        loss = nn.functional.cross_entropy(decoder(features, captions, lengths), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        decoder.eval()
+        decoded = {}
+        for fused in (True, False):
+            decoder.lstm.fused = fused
+            with torch.no_grad():
+                hiddens, _ = decoder.lstm(features.unsqueeze(1), None)
+                decoded[fused] = (decoder.sample(features), hiddens)
+        decoder.lstm.fused = True
+        assert torch.equal(decoded[True][0], decoded[False][0]), step
+        torch.testing.assert_close(decoded[True][1], decoded[False][1])
+        seen.add(tuple(decoded[True][0].flatten().tolist()))
+    assert len(seen) > 1                           # training did change what it says
+
+
+@FUSED
+def test_dropout_only_in_training(fused):
     torch.manual_seed(0)
     ref = nn.LSTM(H_IN, H, num_layers=3, dropout=1.0)
-    m = my_LSTM.from_lstm(ref)
+    m = my_LSTM.from_lstm(ref, fused=fused)
     x = torch.randn(4, 2, H_IN)
     # p = 1 zeroes every layer's output but the last: deterministic, so comparable
     for mode in (True, False):
         ref.train(mode), m.train(mode)
         torch.testing.assert_close(m(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
-    m = my_LSTM(H_IN, H, num_layers=2, dropout=0.5)
+    m = my_LSTM(H_IN, H, num_layers=2, dropout=0.5, fused=fused)
     m.eval()
     torch.testing.assert_close(m(x)[0], m(x)[0])
     m.train()
@@ -342,19 +505,56 @@ def test_bad_inputs(cls):
         m(x[:, 0], (torch.zeros(2, 1, H), torch.zeros(2, 1, H)))
 
 
-def test_bad_cell_inputs():
-    cell = my_LSTMCell(H_IN, H)
+@pytest.mark.parametrize('cls', [nn.LSTMCell, my_LSTMCell])
+def test_bad_cell_inputs(cls):
+    """nn.LSTMCell's exception types and messages (those of PyTorch's own error inputs)."""
+    cell = cls(H_IN, H)
     with pytest.raises(ValueError, match='Expected input to be 1D or 2D, got 3D instead'):
         cell(torch.randn(1, 2, H_IN))
-    with pytest.raises(RuntimeError, match='inconsistent input_size: got 4, expected 5'):
+    with pytest.raises(RuntimeError, match='input has inconsistent input_size: got 4 expected 5'):
         cell(torch.randn(2, 4))
-    with pytest.raises(RuntimeError, match=r'Expected hx\[1\] of shape \(2, 7\), got \[2, 6\]'):
+    with pytest.raises(RuntimeError, match='hidden1 has inconsistent hidden_size: got 6, expected 7'):
         cell(torch.randn(2, H_IN), (torch.zeros(2, H), torch.zeros(2, 6)))
+    with pytest.raises(RuntimeError, match="Input batch size 2 doesn't match hidden0 batch size 3"):
+        cell(torch.randn(2, H_IN), (torch.zeros(3, H), torch.zeros(3, H)))
+    with pytest.raises(ValueError, match=r'Expected hx\[0\] to be 1D or 2D, got 4D instead'):
+        cell(torch.randn(2, H_IN), (torch.zeros(2, 1, 1, H), torch.zeros(2, 1, 1, H)))
 
 
-def test_wrong_dtype_named():
-    with pytest.raises(RuntimeError, match='input must have the type torch.float32, got type torch.float64'):
-        my_LSTM(H_IN, H)(torch.randn(3, 2, H_IN, dtype=torch.float64))
+@pytest.mark.parametrize('fused', [None, True, False], ids=['nn.LSTM', 'fused', 'plain'])
+def test_errors_of_nn_lstms_type(fused):
+    """The exception types nn.LSTM raises in this torch version, on both paths."""
+    cls = nn.LSTM if fused is None else (lambda *a, **k: my_LSTM(*a, **k, fused=fused))
+    m = cls(H_IN, H)
+    with pytest.raises(ValueError, match=r'RNN input dtype \(torch.float64\) does not match weight dtype '
+                                         r'\(torch.float32\). Convert input: input.to\(torch.float32\)'):
+        m(torch.randn(3, 2, H_IN, dtype=torch.float64))
+    with pytest.raises(RuntimeError):              # nn.LSTM checks only dense input's dtype
+        m(pack_sequence([torch.randn(3, H_IN, dtype=torch.float64)]))
+    with pytest.raises(RuntimeError, match='Expected sequence length to be larger than 0'):
+        m(torch.randn(0, 2, H_IN))
+    with pytest.raises(RuntimeError, match='Expected sequence length to be larger than 0'):
+        m(torch.randn(0, H_IN))
+    out, (h, c) = m(torch.randn(3, 0, H_IN))       # an empty batch is fine
+    assert out.shape == (3, 0, H) and h.shape == c.shape == (1, 0, H)
+    for kwargs in (dict(num_layers=2.0), dict(num_layers='2'), dict(bias=1), dict(bias='True'),
+                   dict(batch_first=0), dict(input_size=3.0)):
+        args = {'input_size': H_IN, 'hidden_size': H, **kwargs}
+        with pytest.raises(TypeError):
+            cls(**args)
+
+
+@FUSED
+def test_meta_device(fused):
+    """Built on the meta device (shapes only), then materialised with to_empty."""
+    m = my_LSTM(H_IN, H, num_layers=2, proj_size=3, device='meta', fused=fused)
+    assert all(p.is_meta for p in m.parameters())
+    out, (h, c) = m(torch.randn(4, 2, H_IN, device='meta'))
+    assert out.shape == (4, 2, 3) and h.shape == (2, 2, 3) and c.shape == (2, 2, H)
+    m.to_empty(device='cpu')
+    m.reset_parameters()
+    x = torch.randn(4, 2, H_IN)
+    torch.testing.assert_close(m(x)[0], m.to_lstm()(x)[0], atol=1e-6, rtol=1e-5)
 
 
 def test_packed_hx_shape_checked():
@@ -372,14 +572,24 @@ def test_state_dict_exchange_both_ways(tmp_path):
     m = my_LSTM(H_IN, H, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
     m.load_state_dict(ref.state_dict())
     torch.testing.assert_close(m(x)[0], ref(x)[0], atol=1e-6, rtol=1e-5)
-    assert 'cells.l1_reverse.fc_hr.weight' in m.state_dict()
-    assert 'cells.l0.fc_ig.bias' in m.state_dict()
-    # my_LSTM -> nn.LSTM, both by to_lstm and by key
+    # my_LSTM's state dict is nn.LSTM's, key for key, so nn.LSTM loads it (strict)
+    assert list(m.state_dict()) == list(ref.state_dict())
+    other = nn.LSTM(H_IN, H, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+    other.load_state_dict(m.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+        assert torch.equal(m.state_dict()[k], v), k
+    # my_LSTM -> nn.LSTM by to_lstm
     back = m.to_lstm()
     assert isinstance(back, nn.LSTM) and back.batch_first and back.proj_size == 3
     for k, v in ref.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
-        assert torch.equal(m.lstm_state_dict()[k], v), k
+    # the per-gate keys (cells.l0.fc_ii.weight, ...) still load, strictly
+    per_gate = {k: p.detach().clone() for k, p in m.named_parameters()}
+    assert 'cells.l1_reverse.fc_hr.weight' in per_gate and 'cells.l0.fc_ig.bias' in per_gate
+    m_old = my_LSTM(H_IN, H, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+    m_old.load_state_dict(per_gate)
+    torch.testing.assert_close(m_old(x)[0], ref(x)[0], atol=1e-6, rtol=1e-5)
     # its own state dict, through a file, with the safe loader
     path = tmp_path / 'lstm.pt'
     torch.save(m.state_dict(), path)
@@ -436,13 +646,14 @@ def test_initialisation_like_nn_lstm():
     assert m.cells.l1.fc_ii.weight.shape == (100, 10)
 
 
+@FUSED
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_half_precision_on_cpu(dtype):
+def test_half_precision_on_cpu(dtype, fused):
     torch.manual_seed(0)
     m = my_LSTM(H_IN, H, num_layers=2, batch_first=True)
     x = torch.randn(3, 4, H_IN)
     ref_out = m(x)[0]
-    m_half = my_LSTM.from_lstm(m.to_lstm()).to(dtype)
+    m_half = my_LSTM.from_lstm(m.to_lstm(), fused=fused).to(dtype)
     out, (h, c) = m_half(x.to(dtype))
     assert out.dtype == h.dtype == c.dtype == dtype
     torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
@@ -456,12 +667,13 @@ def test_doc_examples():
 
 
 @CUDA
+@FUSED
 @pytest.mark.parametrize('kind', ['dense', 'packed_unsorted'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-def test_cuda_matches_nn_lstm(kind, dtype):
+def test_cuda_matches_nn_lstm(kind, dtype, fused):
     torch.manual_seed(0)
     ref = nn.LSTM(H_IN, H, num_layers=2, bidirectional=True).cuda().to(dtype)
-    m = my_LSTM.from_lstm(ref)
+    m = my_LSTM.from_lstm(ref, fused=fused)
     make, leaves, _ = make_input(kind, False, dtype=dtype, device='cuda')
     (_, d1, h1, c1, g1), (_, d2, h2, c2, g2) = run_both(ref, m, make, leaves, None)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -473,12 +685,16 @@ def test_cuda_matches_nn_lstm(kind, dtype):
 @CUDA
 def test_cuda_module_moves():
     m = my_LSTM(H_IN, H).cuda()
+    x = torch.randn(3, 2, H_IN)
     with torch.no_grad():
-        out, (h, c) = m(torch.randn(3, 2, H_IN, device='cuda'))
+        out, (h, c) = m(x.cuda())
     assert out.is_cuda and h.is_cuda
+    torch.testing.assert_close(out.cpu(), m.to_lstm()(x.cuda())[0].cpu(), atol=1e-5, rtol=1e-5)
     m.cpu()
     with torch.no_grad():
-        assert not m(torch.randn(3, 2, H_IN))[0].is_cuda
+        out = m(x)[0]
+    assert not out.is_cuda
+    torch.testing.assert_close(out, m.to_lstm()(x)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_pad_packed_roundtrip_lengths():
@@ -497,10 +713,11 @@ def test_pad_packed_roundtrip_lengths():
         assert (unpacked[b, n:] == 0).all()
 
 
-def test_autocast_bf16_runs_in_bf16_and_trains_float32_weights():
+@FUSED
+def test_autocast_bf16_runs_in_bf16_and_trains_float32_weights(fused):
     """Under autocast (train.py --amp bf16) the layer runs in bf16, as autocast runs cuDNN's LSTM."""
     torch.manual_seed(0)
-    m = my_LSTM(8, 16, batch_first=True)
+    m = my_LSTM(8, 16, batch_first=True, fused=fused)
     x = torch.randn(3, 5, 8)
     packed = nn.utils.rnn.pack_padded_sequence(x, [5, 4, 2], batch_first=True)
     ref, (h_ref, _) = m(packed)
@@ -513,7 +730,7 @@ def test_autocast_bf16_runs_in_bf16_and_trains_float32_weights():
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
-def test_eval_switch_drops_stale_cache_after_fused_adam():
+def test_eval_switch_after_fused_adam():
     """Fused Adam updates weights without bumping version counters; eval() must still see them."""
     torch.manual_seed(0)
     m = my_LSTM(4, 8)
@@ -530,3 +747,21 @@ def test_eval_switch_drops_stale_cache_after_fused_adam():
         after = m(x)[0]
     torch.testing.assert_close(after, m.to_lstm()(x)[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, after)
+
+
+def test_fused_switch():
+    """fused is an argument and an attribute, shown by repr when off, not kept in the state dict."""
+    torch.manual_seed(0)
+    m = my_LSTM(H_IN, H, num_layers=2, bidirectional=True)
+    assert m.fused and 'fused' not in repr(m)
+    x = torch.randn(4, 3, H_IN, requires_grad=True)
+    out_fused = m(x)[0]
+    m.fused = False
+    assert 'fused=False' in m.extra_repr()
+    out_plain = m(x)[0]
+    torch.testing.assert_close(out_plain, out_fused, atol=1e-6, rtol=1e-5)
+    assert not any('fused' in k for k in m.state_dict())
+    assert my_LSTM(H_IN, H, fused=False).fused is False
+    plain = my_LSTM(H_IN, H, num_layers=2, bidirectional=True, fused=False)
+    plain.load_state_dict(m.state_dict())
+    assert plain.fused is False
