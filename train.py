@@ -157,20 +157,28 @@ class EpochBatchSampler(BatchSampler):
                 yield batch
 
 
+def encode(encoder, inputs):
+    """(N, E) image embeddings from what a batch holds: pictures (N, 3, crop, crop), which go
+    through the frozen ResNet, or its cached features (N, 2048), which skip it. The batch
+    says which, so training and validation data of different kinds can never be mixed up."""
+    return encoder.project(inputs) if inputs.dim() == 2 else encoder(inputs)
+
+
 class TrainModel(nn.Module):
     """Encoder and decoder as one module, so DistributedDataParallel sees one forward.
 
-    Its input is images (N, 3, crop, crop), or cached ResNet features (N, 2048)
-    when `cached` is set: the frozen ResNet then never runs.
+    Inputs: inputs, captions, lengths
+        * inputs: images (N, 3, crop, crop), or cached ResNet features (N, 2048)
+        * captions, lengths: as DecoderRNN's
+    Outputs: logits (sum(lengths), V)
     """
 
-    def __init__(self, encoder, decoder, cached):
+    def __init__(self, encoder, decoder):
         super().__init__()
-        self.encoder, self.decoder, self.cached = encoder, decoder, cached
+        self.encoder, self.decoder = encoder, decoder
 
     def forward(self, inputs, captions, lengths):
-        features = self.encoder.project(inputs) if self.cached else self.encoder(inputs)
-        return self.decoder(features, captions, lengths)  # (sum(lengths), V)
+        return self.decoder(encode(self.encoder, inputs), captions, lengths)  # (sum(lengths), V)
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +195,7 @@ def held_out(dataset, image_ids):
 def make_datasets(args, vocab, encoder, spec, device, rank):
     """Training and validation datasets: pictures through the ResNet, or cached features.
 
-    Returns (train_set, val_set, cached), cached saying whether the items are features.
+    Returns (train_set, val_set); their items say themselves which they hold (see `encode`).
     Validation always sees the centre crop, so its features are cached unless
     --feature_cache off; training's are cached where --feature_cache says so.
     """
@@ -225,7 +233,7 @@ def make_datasets(args, vocab, encoder, spec, device, rank):
             val_set = image_set(args.val_image_dir, args.val_caption_path, train=False)
         else:
             val_set = feature_set(args.val_image_dir, args.val_caption_path, 1, train=False)
-        return train_set, val_set, cached
+        return train_set, val_set
 
     # No validation set: hold out every k-th training picture with all its captions. Its
     # items come from the training source (no second cache), seen as at evaluation time.
@@ -237,7 +245,7 @@ def make_datasets(args, vocab, encoder, spec, device, rank):
     image_ids = sorted(set(train_set.item_image_ids()))
     val_ids = set(image_ids[::max(1, round(1 / args.val_fraction))])
     val_idx, train_idx = held_out(train_set, val_ids)
-    return Subset(train_set, train_idx), Subset(val_set, val_idx), cached
+    return Subset(train_set, train_idx), Subset(val_set, val_idx)
 
 
 def set_epoch(dataset, epoch):
@@ -283,7 +291,7 @@ def recalibrate_bn(model, loader, device, num_batches):
         if i == num_batches:
             break
         inputs = inputs.to(device)
-        features = inputs if model.cached else model.encoder.extract(inputs)
+        features = inputs if inputs.dim() == 2 else model.encoder.extract(inputs)  # (N, 2048)
         bn(model.encoder.linear(features))
     bn.momentum = momentum
 
@@ -351,6 +359,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
+    # A random-weight ResNet's activations fall into float32's denormal range, where x86 CPUs
+    # compute many times slower; flushing them to zero changes values by less than 1e-38
+    torch.set_flush_denormal(True)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~8x the FP32 rate on Ampere and later
         torch.backends.cudnn.allow_tf32 = True
@@ -371,10 +382,10 @@ def main(argv=None):
                          args.max_seq_length).to(device)
 
     try:
-        train_set, val_set, cached = make_datasets(args, vocab, encoder, spec, device, rank)
+        train_set, val_set = make_datasets(args, vocab, encoder, spec, device, rank)
     except (OSError, ValueError) as e:  # missing pictures or captions, no room for the feature cache
         fail(e)
-    model = TrainModel(encoder, decoder, cached).train()
+    model = TrainModel(encoder, decoder).train()
     ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world_size > 1 else model
 
     # Only the decoder and the encoder's linear and bn learn (the tutorial's choice)
@@ -447,7 +458,7 @@ def main(argv=None):
             tic, tic_position = time.time(), position
             for step, (inputs, captions, lengths) in enumerate(loader, start=position):
                 inputs = inputs.to(device, non_blocking=True)
-                if not cached and device.type == 'cuda':
+                if inputs.dim() == 4 and device.type == 'cuda':
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 captions = captions.to(device, non_blocking=True)
                 targets = pack_padded_sequence(captions, lengths, batch_first=True).data
@@ -542,7 +553,7 @@ def select_score(args, model, val_set, vocab, device, val_loss):
     captions = []
     for start in range(0, len(image_ids), args.batch_size):
         inputs = torch.stack([base[first[i]][0] for i in image_ids[start:start + args.batch_size]]).to(device)
-        features = model.encoder.project(inputs) if model.cached else model.encoder(inputs)
+        features = encode(model.encoder, inputs)
         captions += caption_features(model.decoder, features, vocab)
     model.train()
     score = metrics.bleu4 if args.select_by == 'bleu4' else metrics.cider_d

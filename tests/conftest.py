@@ -42,11 +42,14 @@ COLOURS = {'red': (220, 30, 30), 'green': (30, 180, 60), 'blue': (40, 60, 220), 
 PLACES = {'left': (0.05, 0.3), 'right': (0.55, 0.3), 'top': (0.3, 0.05), 'bottom': (0.3, 0.55)}
 
 
-def make_tiny_coco(root, n_images=12, size=48, split='train2014', captions_per_image=2):
-    """Write n_images (<= 48) pictures and their captions in COCO's layout.
+def make_tiny_coco(root, n_images=12, size=48, split='train2014', captions_per_image=2, first=0,
+                   caption_split=None):
+    """Write n_images (first + n_images <= 48) pictures and their captions in COCO's layout.
 
     Every picture is a different scene (square colour, background colour, place), so a
-    model can tell them apart even through a randomly initialised ResNet.
+    model can tell them apart even through a randomly initialised ResNet. `first` skips
+    that many scenes (a validation split of other pictures); the pictures go to root/split
+    and the captions to root/annotations/captions_{caption_split or split}.json.
     Returns (image_dir, caption_path).
     """
     image_dir = os.path.join(root, split)
@@ -55,7 +58,7 @@ def make_tiny_coco(root, n_images=12, size=48, split='train2014', captions_per_i
     scenes = [(fg, bg, place) for place in PLACES for fg in COLOURS for bg in COLOURS if bg != fg]
     random.Random(0).shuffle(scenes)
     images, annotations = [], []
-    for i, (fg, bg, place) in enumerate(scenes[:n_images]):
+    for i, (fg, bg, place) in enumerate(scenes[first:first + n_images], start=first):
         picture = Image.new('RGB', (size, size), COLOURS[bg])
         x, y = (int(f * size) for f in PLACES[place])
         picture.paste(COLOURS[fg], (x, y, x + size * 2 // 5, y + size * 2 // 5))
@@ -65,7 +68,7 @@ def make_tiny_coco(root, n_images=12, size=48, split='train2014', captions_per_i
         texts = [f'a {fg} square on the {place} of a {bg} picture.', f'A {fg} square at the {place}, {bg} background']
         for j, text in enumerate(texts[:captions_per_image]):
             annotations.append({'id': 1000 + 10 * i + j, 'image_id': 100 + i, 'caption': text})
-    caption_path = os.path.join(root, 'annotations', f'captions_{split}.json')
+    caption_path = os.path.join(root, 'annotations', f'captions_{caption_split or split}.json')
     with open(caption_path, 'w') as f:
         json.dump({'info': {}, 'licenses': [], 'images': images, 'annotations': annotations}, f)
     return image_dir, caption_path

@@ -1,0 +1,119 @@
+"""The flows users run, through the command lines, on the data layout the README describes.
+
+    ROOT/data/resized2014/                      training pictures, as resize.py leaves them
+    ROOT/data/resizedval2014/                   validation pictures (absent: a held-out slice)
+    ROOT/data/annotations/captions_train2014.json, captions_val2014.json (absent with them)
+    ROOT/data/vocab.pkl                         build_vocab.py's
+    ROOT/models/                                train.py's, found there by sample.py and evaluate.py
+
+Every run is `python train.py` from ROOT with its defaults (--augment crop_flip, --feature_cache
+auto, ...), only TINY_MODEL's sizes and its flow's flags added, for 2 epochs, once with a val2014
+split and once without. When a flag is added, its flow joins this list.
+"""
+import copy
+import functools
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import load_captioner, load_checkpoint
+from conftest import TINY_MODEL, make_tiny_coco, run
+from data_loader import load_image
+
+FLOWS = {
+    'defaults': [],
+    'augment none': ['--augment', 'none'],
+    'feature_cache on, 2 views': ['--feature_cache', 'on', '--cache_views', 2],
+    'feature_cache off': ['--feature_cache', 'off'],
+    'select_by bleu4': ['--select_by', 'bleu4'],
+    'amp bf16': ['--amp', 'bf16'],
+    'num_layers 2': ['--num_layers', 2],
+    'recalibrate_bn 2': ['--recalibrate_bn', 2],
+}
+TRAIN = [*TINY_MODEL, '--num_epochs', 2, '--batch_size', 4, '--learning_rate', 0.01]
+VALIDATION_LINE = re.compile(r'^Validation after epoch \[(\d+)/(\d+)\]: Loss: \d+\.\d{4}, Perplexity: \d+\.\d{4}',
+                             re.M)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def flush_denormals():
+    """The tests' own forward passes through the random ResNet, as fast as train.py's."""
+    before = torch.is_grad_enabled()
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_grad_enabled(before)
+
+
+@pytest.fixture(scope='module', params=['val2014', 'held-out slice'])
+def data_root(request, tmp_path_factory):
+    """ROOT/data as the README's steps leave it, with or without the val2014 split."""
+    root = tmp_path_factory.mktemp('coco')
+    data = root / 'data'
+    make_tiny_coco(str(data), n_images=12, split='resized2014', caption_split='train2014')
+    if request.param == 'val2014':
+        make_tiny_coco(str(data), n_images=6, first=12, split='resizedval2014', caption_split='val2014')
+    run('build_vocab.py', '--threshold', 1, cwd=root)  # its defaults: data/annotations -> data/vocab.pkl
+    return root
+
+
+def train_flow(data_root, root, flags):
+    """Copy ROOT/data to `root` and run `python train.py` there; returns the process."""
+    shutil.copytree(data_root / 'data', root / 'data')
+    return run('train.py', *TRAIN, *flags, cwd=root)
+
+
+@pytest.fixture(scope='module')
+def default_run(data_root, tmp_path_factory):
+    """ROOT after `python train.py` with the defaults (shared by the tests that read its models/)."""
+    root = tmp_path_factory.mktemp('defaults')
+    return root, train_flow(data_root, root, FLOWS['defaults'])
+
+
+BUILD_ENCODER = checkpoint.build_encoder
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder(embed_size, source, seed):
+    return BUILD_ENCODER(embed_size, {'source': source, 'seed': seed})
+
+
+@pytest.fixture
+def shared_encoder(monkeypatch):
+    """load_captioner as it is, but for rebuilding the same random ResNet-152 once per module
+    instead of once per flow (a copy each time, so no flow's weights reach another)."""
+    def build_once(embed_size, spec):
+        if spec['source'] != 'none':
+            return BUILD_ENCODER(embed_size, spec)
+        return copy.deepcopy(_encoder(embed_size, spec['source'], spec['seed']))
+    monkeypatch.setattr(checkpoint, 'build_encoder', build_once)
+
+
+def check_run(proc, root, epochs):
+    """Exit 0, one validation line per epoch, best.pt and latest.pt that load, a caption."""
+    assert proc.returncode == 0
+    lines = VALIDATION_LINE.findall(proc.stdout)
+    assert [int(e) for e, _ in lines] == list(epochs), proc.stdout
+    assert 'Traceback' not in proc.stderr
+    models = root / 'models'
+    latest, best = load_checkpoint(models / 'latest.pt'), load_checkpoint(models / 'best.pt')
+    assert latest['epoch'] == epochs[-1] + 1 and latest['step'] == 0
+    assert best['epoch'] <= latest['epoch'] and best['best'] == latest['best'], 'best.pt is the best'
+    # best.pt is what sample.py and evaluate.py take by default (the test of that is below)
+    captioner = load_captioner(checkpoint=str(models / 'best.pt'))
+    picture = load_image(root / 'data' / 'resized2014' / 'img_000.png', captioner.image_size, captioner.crop_size)
+    caption = captioner.vocab.decode(captioner.decoder.generate(captioner.encoder(picture))[0], markers=False)
+    assert caption and all(w in captioner.vocab.word2idx for w in caption.split()), caption
+
+
+@pytest.mark.parametrize('flow', FLOWS)
+def test_train_flow(flow, data_root, default_run, tmp_path, shared_encoder):
+    if flow == 'defaults':
+        root, proc = default_run
+    else:
+        root, proc = tmp_path, train_flow(data_root, tmp_path, FLOWS[flow])
+    check_run(proc, root, epochs=range(2))
