@@ -57,7 +57,7 @@ def get_args(argv=None):
     parser.add_argument('--results_path', type=str, default=None,
                         help='COCO results JSON to write; not given: captions_<split>_results.json beside the model')
     parser.add_argument('--batch_size', type=int, default=64, help='images per batch')
-    parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
+    parser.add_argument('--num_workers', type=int, default=2, help='image loading processes (as train.py\'s)')
     parser.add_argument('--seed', type=int, default=0, help='seeds torch (decoding itself is deterministic)')
     parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="'cpu', 'cuda', 'cuda:1', 'mps'")

@@ -62,7 +62,7 @@ def resize_one(name, image_dir, output_dir, size):
         return 'done', name, None
     try:
         with Image.open(os.path.join(image_dir, name)) as image:  # read-only: the input may be a shared folder
-            image = to_rgb(image).resize((size, size), Image.Resampling.LANCZOS)  # LANCZOS was ANTIALIAS
+            image = to_rgb(image).resize((size, size), Image.Resampling.LANCZOS)  # the tutorial's Image.ANTIALIAS
     except READ_ERRORS as e:
         return 'bad', name, f'{type(e).__name__}: {e}'
     # Encode in memory, then write the bytes under a temporary name and rename it. Pillow
@@ -107,8 +107,8 @@ def run_all(work, names, num_workers):
     if num_workers <= 1:
         yield from map(work, names)
         return
-    # 16 images (about half a second of work) per message keeps the pool's overhead
-    # negligible; fewer for a small folder, so that every worker gets some
+    # up to 16 images per message keeps the pool's overhead small; fewer for a small
+    # folder, so that every worker gets some
     chunksize = max(1, min(16, len(names) // (4 * num_workers)))
     with Pool(num_workers, initializer=init_worker, initargs=(os.getpid(),)) as pool:
         yield from pool.imap_unordered(work, names, chunksize)
@@ -122,7 +122,8 @@ def main(argv=None):
                         help='directory for saving resized images')
     parser.add_argument('--image_size', type=int, default=256, help='size for image after processing')
     parser.add_argument('--num_workers', type=int, default=os.cpu_count() or 1,
-                        help='processes resizing in parallel (0 or 1: resize in this process)')
+                        help='processes resizing in parallel (0 or 1: resize in this process); every core, '
+                             'unlike train.py and evaluate.py, whose loaders share the machine with the model')
     args = parser.parse_args(argv)
     if args.image_size < 1:
         parser.error(f'--image_size must be at least 1, got {args.image_size}')

@@ -238,3 +238,16 @@ def test_train_crop_larger_than_the_pictures(tiny, tmp_path):
                '--crop_size', 48, '--image_size', 256, check=False)
     one_line(proc, 'are 40 x 40', 'smaller than the 48 x 48 crop', '--crop_size 40 or less')
     assert not (tmp_path / 'models').exists() or not os.listdir(tmp_path / 'models')
+
+
+# ---------------------------------------------------------------------------
+# evaluate.py
+
+
+def test_evaluate_results_on_a_read_only_disk(tiny, tmp_path):
+    image_dir, caption_path, _, models = tiny
+    with tmpfs(tmp_path / 'ro', read_only=True) as folder:
+        proc = run('evaluate.py', '--caption_path', caption_path, '--image_dir', image_dir, '--model_path', models,
+                   '--results_path', folder / 'results.json', '--device', 'cpu', '--num_workers', 0, check=False)
+        one_line(proc, f'cannot write {folder / "results.json"}', '--results_path')
+        assert 'model:' not in proc.stdout, 'checked before the model is loaded'
