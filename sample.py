@@ -74,8 +74,10 @@ def caption_images(captioner, images, device, beam_size=1, length_penalty=0.0, m
 def draw_caption(path, caption, out_path):
     """Write the picture with its caption in a white band under it (PNG, atomically)."""
     image = open_rgb(path)
-    width = 512
-    image = image.resize((width, max(1, round(image.height * width / image.width))), Image.Resampling.LANCZOS)
+    width = 512  # a very tall picture is scaled to 2 widths high, so its canvas stays small
+    scale = min(width / image.width, 2 * width / image.height)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                         Image.Resampling.LANCZOS)
     font = ImageFont.load_default(size=18)
     text = caption.replace('<start> ', '').replace(' <end>', '')
     lines, line = [], ''
@@ -87,7 +89,7 @@ def draw_caption(path, caption, out_path):
         line = trial
     lines.append(line)
     canvas = Image.new('RGB', (width, image.height + 10 + 24 * len(lines)), 'white')
-    canvas.paste(image, (0, 0))
+    canvas.paste(image, ((width - image.width) // 2, 0))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
         draw.text((10, image.height + 5 + 24 * i), line, fill='black', font=font)

@@ -57,14 +57,21 @@ def tiny(tmp_path_factory):
 # sample.py
 
 
-def test_sample_names_its_model_on_stderr_and_takes_both_length_flags(tiny):
+def test_sample_names_its_model_on_stderr_and_takes_odd_pictures_and_both_length_flags(tiny, tmp_path):
     image_dir, _, _, models = tiny
-    picture = os.path.join(image_dir, 'img_000.png')
-    proc = run('sample.py', '--image', picture, '--model_path', models, '--max_seq_length', 3)
+    Image.new('RGB', (1, 1), 'red').save(tmp_path / 'dot.png')
+    Image.new('RGB', (10, 4000), 'blue').save(tmp_path / 'pole.png')
+    pictures = [os.path.join(image_dir, 'img_000.png'), tmp_path / 'dot.png', tmp_path / 'pole.png']
+    proc = run('sample.py', '--image', *pictures, '--model_path', models, '--max_seq_length', 3,
+               '--output', tmp_path / 'shown')
     assert proc.stderr.startswith('model: ') and models in proc.stderr.splitlines()[0], proc.stderr
-    assert len(proc.stdout.split()) <= 3 and 'model' not in proc.stdout, 'stdout holds only the caption'
-    old = run('sample.py', '--image', picture, '--model_path', models, '--max_length', 3)
-    assert old.stdout == proc.stdout, '--max_length is the old name of --max_seq_length'
+    lines = proc.stdout.splitlines()
+    assert [line.split(': ')[0] for line in lines[:3]] == [str(p) for p in pictures], 'stdout holds the captions'
+    assert all(len(line.split(': ')[1].split()) <= 3 for line in lines[:3]), lines
+    assert sorted(os.listdir(tmp_path / 'shown')) == ['dot_caption.png', 'img_000_caption.png', 'pole_caption.png']
+    assert Image.open(tmp_path / 'shown' / 'pole_caption.png').height <= 1100, 'a tall picture is scaled down'
+    old = run('sample.py', '--image', *pictures, '--model_path', models, '--max_length', 3)
+    assert old.stdout.splitlines() == lines[:3], '--max_length is the old name of --max_seq_length'
 
 
 def test_sample_folder_without_pictures(tiny, tmp_path):
