@@ -23,6 +23,7 @@ import checkpoint
 from checkpoint import load_captioner, load_checkpoint
 from conftest import TINY_MODEL, make_tiny_coco, run
 from data_loader import load_image
+from vocab import load_vocab
 
 FLOWS = {
     'defaults': [],
@@ -117,3 +118,26 @@ def test_train_flow(flow, data_root, default_run, tmp_path, shared_encoder):
     else:
         root, proc = tmp_path, train_flow(data_root, tmp_path, FLOWS[flow])
     check_run(proc, root, epochs=range(2))
+
+
+def test_resume_to_a_third_epoch(default_run, tmp_path, shared_encoder):
+    root, _ = default_run
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    proc = run('train.py', *TRAIN, '--num_epochs', 3, '--resume', 'models/latest.pt', cwd=tmp_path)
+    assert 'resumed from models/latest.pt: epoch 2, step 0' in proc.stdout
+    check_run(proc, tmp_path, epochs=[2])
+
+
+def test_sample_and_evaluate_find_the_model(default_run, data_root):
+    """No model flags: both take models/best.pt, and say so."""
+    root, _ = default_run
+    proc = run('sample.py', '--image', 'data/resized2014/img_000.png', cwd=root)
+    words, vocab = proc.stdout.strip().splitlines()[-1].split(), load_vocab(root / 'data' / 'vocab.pkl')
+    assert 0 < len(words) <= 20 and all(w in vocab.word2idx for w in words), words
+    # evaluate.py's default is val2014; without it, the training pictures stand in
+    data = [] if os.path.isdir(root / 'data' / 'resizedval2014') else [
+        '--image_dir', 'data/resized2014', '--caption_path', 'data/annotations/captions_train2014.json']
+    proc = run('evaluate.py', *data, '--num_workers', 0, cwd=root)
+    assert re.search(r'^BLEU-4 +\d+\.\d\d$', proc.stdout, re.M), proc.stdout
+    assert os.path.isfile(root / 'models' / ('captions_val2014_results.json' if not data
+                                             else 'captions_train2014_results.json'))
