@@ -15,22 +15,19 @@ For input x and previous state (h, c), a step computes (sigma is the sigmoid, * 
     c' = f * c + i * g                             memory (cell state)
     h' = o * tanh(c')                              hidden state (h' = W_hr h' with proj_size > 0)
 
-The code uses nn.LSTM's letters. The lab handout writes the same LSTM without biases as:
+The code uses nn.LSTM's letters; the lab handout writes the same LSTM, without biases, as:
 
-    ==========  ======================  ===============================
-    this file   handout                 parameters (this file)
-    ==========  ======================  ===============================
-    i           g(t), input gate        fc_ii (U^g), fc_hi (W^g)
-    f           f(t), forget gate       fc_if (U^f), fc_hf (W^f)
-    g           tanh(a(t)), new content fc_ig (U),   fc_hg (W)
-    o           q(t), output gate       fc_io (U^o), fc_ho (W^o)
-    c           s(t), memory            -
-    h           h(t), hidden state      fc_hr (projection, no handout name)
-    ==========  ======================  ===============================
+    this file   handout                  parameters: input side, hidden side
+    i           g(t), input gate         fc_ii (U^g), fc_hi (W^g)
+    f           f(t), forget gate        fc_if (U^f), fc_hf (W^f)
+    g           tanh(a(t)), new content  fc_ig (U),   fc_hg (W)
+    o           q(t), output gate        fc_io (U^o), fc_ho (W^o)
+    c           s(t), memory
+    h           h(t), hidden state       fc_hr: the projection (not in the handout)
 
-``my_LSTM(..., fused=True)`` (the default) computes the very same layer with the speed
-machinery of fused_lstm.py (a hand-written backward, no per-step autograd); ``fused=False``
-runs this file's cell step by step, with autograd doing the backward.
+``my_LSTM(..., fused=True)`` (the default) computes the same layers on the same parameters
+with the speed machinery of fused_lstm.py; ``fused=False`` runs this file's cell step by
+step, with autograd doing the backward.
 
     python -m pytest tests/test_diy_lstm.py -q     # both paths against nn.LSTM
 """
@@ -85,16 +82,13 @@ class my_LSTMCell(nn.Module):
         fc_ii, fc_if, fc_ig, fc_io: input side, ``nn.Linear(H_in, H, bias)``
         fc_hi, fc_hf, fc_hg, fc_ho: hidden side, ``nn.Linear(H_out, H, bias)``
         fc_hr: the projection ``nn.Linear(H, H_out, bias=False)`` when proj_size > 0, else None
-        gate_log: None, or a list to which each forward appends
-            ``dict(i=, f=, g=, o=, c=, h=)`` of detached tensors, the gates (N, H) and the new
-            state c (N, H), h (N, H_out) (N = 1 for unbatched input), e.g. to plot the gates.
-            Only the plain path runs the cell: set ``lstm.fused = False`` to record.
+        gate_log: None, or a list to which each forward appends ``dict(i=, f=, g=, o=, c=, h=)``
+            of detached tensors: the gates (N, H) and the new c (N, H) and h (N, H_out), N = 1
+            for unbatched input. Only the plain path runs the cell: set ``lstm.fused = False``.
 
-    The state dict is in nn.LSTMCell's layout (weight_ih, weight_hh, bias_ih, bias_hh, and
-    weight_hr with a projection), so nn.LSTMCell and my_LSTMCell load each other's; state
-    dicts with the per-gate keys (fc_ii.weight, ...) load too.
-
-    .. note:: As in nn.LSTM, every weight and bias starts from U(-k, k) with k = 1/sqrt(hidden_size).
+    The state dict is nn.LSTMCell's (weight_ih, weight_hh, bias_ih, bias_hh; weight_hr with a
+    projection): each loads the other's. Per-gate keys (fc_ii.weight, ...) load too.
+    As in nn.LSTM, every weight and bias starts from U(-k, k) with k = 1/sqrt(hidden_size).
 
     Examples::
 
@@ -164,20 +158,12 @@ class my_LSTMCell(nn.Module):
                 yield name, tensors
 
     def lstm_weights(self):
-        """{nn.LSTM name: this cell's parameters in nn.LSTM's layout, concatenated now}, e.g.
-        'weight_ih' (4*H, H_in); also 'bias_ih', 'bias_hh' (4*H,), 'weight_hr' (H_out, H) if present."""
+        """{nn.LSTM name: our parameters in its layout, concatenated now}: 'weight_ih' (4*H, H_in),
+        'weight_hh' (4*H, H_out), and where present 'bias_ih', 'bias_hh' (4*H,), 'weight_hr' (H_out, H)."""
         return {name: torch.cat(ts) if len(ts) > 1 else ts[0] for name, ts in self.lstm_layout()}
 
-    @torch.no_grad()
-    def load_lstm_weights(self, weights):
-        """Copy in a dict of nn.LSTM-layout tensors (the inverse of lstm_weights)."""
-        for name, ts in self.lstm_layout():
-            for p, w in zip(ts, weights[name].chunk(len(ts))):
-                p.copy_(w)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # nn.LSTMCell's keys: 'weight_ih' (4*H, H_in) becomes 'fc_ii.weight' ... 'fc_io.weight',
-        # each (H, H_in), before the Linear layers read theirs
+        # nn.LSTMCell's 'weight_ih' (4*H, H_in) becomes 'fc_ii.weight' ... 'fc_io.weight' (H, H_in)
         for name, parts in LSTM_LAYOUT.items():
             value = state_dict.pop(prefix + name, None)
             if value is not None:
@@ -209,38 +195,6 @@ def _get(module, dotted):
     return getattr(sub, name) if sub is not None else None
 
 
-def _check_sizes(cls, input_size, hidden_size, proj_size):
-    for name, value in (('input_size', input_size), ('hidden_size', hidden_size), ('proj_size', proj_size)):
-        if not isinstance(value, int):
-            raise TypeError(f"{cls}: {name} should be of type int, got: {type(value).__name__}")
-    if input_size <= 0 or hidden_size <= 0:
-        raise ValueError(f"{cls}: input_size and hidden_size must be greater than zero, "
-                         f"got input_size={input_size}, hidden_size={hidden_size}")
-    if proj_size < 0:
-        raise ValueError(f"{cls}: proj_size should be a positive integer or zero to disable projections, got {proj_size}")
-    if proj_size >= hidden_size:
-        raise ValueError(f"{cls}: proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
-                         f"and hidden_size={hidden_size}")
-
-
-def _check_cell_input(input, hx, input_size, h_out, hidden_size):
-    """nn.LSTMCell's checks, with its exception types and messages."""
-    if input.dim() not in (1, 2):
-        raise ValueError(f"my_LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-    for k, state in enumerate(hx or ()):
-        if state.dim() not in (1, 2):
-            raise ValueError(f"my_LSTMCell: Expected hx[{k}] to be 1D or 2D, got {state.dim()}D instead")
-    if input.size(-1) != input_size:
-        raise RuntimeError(f"my_LSTMCell: input has inconsistent input_size: got {input.size(-1)} expected {input_size}")
-    for k, (state, size) in enumerate(zip(hx or (), (h_out, hidden_size))):
-        if state.size(-1) != size:
-            raise RuntimeError(f"my_LSTMCell: hidden{k} has inconsistent hidden_size: got {state.size(-1)}, "
-                               f"expected {size}")
-        if state.shape[:-1] != input.shape[:-1]:
-            raise RuntimeError(f"my_LSTMCell: Input batch size {input.size(0) if input.dim() == 2 else 1} "
-                               f"doesn't match hidden{k} batch size {state.size(0) if state.dim() == 2 else 1}")
-
-
 def lstm_layer(cell, x, batch_sizes, h0=None, c0=None):
     """Run one cell over a batch of sequences, forward in time, one step at a time.
 
@@ -254,18 +208,12 @@ def lstm_layer(cell, x, batch_sizes, h0=None, c0=None):
         seq 2: x20 x21                    t=2: x02 x12
                                           t=3: x03
 
-    When the batch shrinks, the sequences dropped (the last rows) have just taken their last
-    step: their (h, c) is final. h[:batch_sizes[t]] is the previous state of exactly the
-    sequences still running.
+    h[:batch_sizes[t]] is the previous state of exactly the sequences still running; those
+    dropped when the batch shrinks have just taken their last step, so their (h, c) is final.
 
-    Args:
-        cell: a my_LSTMCell
-        x: (T, H_in), packed time-major rows
-        batch_sizes: list of ints, non-increasing, summing to T
-        h0: (N, H_out), c0: (N, H), with N = batch_sizes[0]; None means zeros
-
-    Returns: out (T, H_out), h_n (N, H_out), c_n (N, H), where each sequence's h_n and c_n
-    are its states after its own last step.
+    Args: cell (a my_LSTMCell); x (T, H_in), packed rows; batch_sizes: list of ints,
+        non-increasing, summing to T; h0 (N, H_out), c0 (N, H), N = batch_sizes[0], None for zeros
+    Returns: out (T, H_out), and h_n (N, H_out), c_n (N, H): each sequence's state after its last step
     """
     N, h_out = batch_sizes[0], cell.proj_size or cell.hidden_size
     h = h0 if h0 is not None else x.new_zeros(N, h_out)                  # (N, H_out)
@@ -340,24 +288,20 @@ class my_LSTM(nn.Module):
         cells: ``nn.ModuleDict`` of my_LSTMCell named like nn.LSTM's weight suffixes:
             'l0', 'l0_reverse', 'l1', ... (``cells.l0.fc_ii.weight`` is W_ii of layer 0)
 
-    The state dict is nn.LSTM's (weight_ih_l0, weight_hh_l0, bias_ih_l0, ...): nn.LSTM and
-    my_LSTM load each other's, also inside a model (the tutorial's decoder-5-3000.pkl holds
-    'lstm.weight_ih_l0', ...), and state dicts with the per-gate keys
-    (cells.l0.fc_ii.weight, ...) load too. Weights also go across with ``my_LSTM.from_lstm(lstm)``
-    and ``m.to_lstm()``.
+    The state dict is saved in nn.LSTM's layout and keys (weight_ih_l0, ..., from the cells'
+    nn.LSTMCell layout), so checkpoints go both ways: nn.LSTM loads ours, we load nn.LSTM's,
+    also inside a model (the tutorial's decoder-5-3000.pkl holds 'lstm.weight_ih_l0', ...).
+    State dicts with the per-gate keys (cells.l0.fc_ii.weight, ...) load too.
 
-    What nn.LSTM has and my_LSTM cannot, by design: the flat Parameters ``weight_ih_l0``, ...,
-    which ``nn.utils.parametrizations.weight_norm(lstm, 'weight_hh_l0')`` and init recipes
-    (e.g. orthogonal W_hh) take by name. Here each gate is its own Parameter: apply them per
-    gate, e.g. ``weight_norm(m.cells.l0.fc_hi)`` or ``nn.init.orthogonal_(m.cells.l0.fc_hi.weight)``
-    for each of fc_hi, fc_hf, fc_hg, fc_ho. (Use the parametrization, not the older hook-based
-    ``nn.utils.weight_norm``: its hook runs only when the Linear itself runs, on the plain path.)
-
-    .. note:: As in nn.LSTM, every weight and bias starts from U(-k, k) with k = 1/sqrt(hidden_size).
-
-    .. note:: With fused=True, each cell's parameters are views into one buffer in nn.LSTM's
-        layout (as after nn.LSTM's ``flatten_parameters()``); a parameter moved out of it
-        (``.to()``, ``p.data = ...``) is put back at the next forward.
+    What nn.LSTM has and my_LSTM cannot, by design: its flat Parameters (``weight_hh_l0``, ...),
+    which ``nn.utils.parametrizations.weight_norm(lstm, 'weight_hh_l0')`` and init recipes such
+    as ``nn.init.orthogonal_(lstm.weight_hh_l0)`` take by name. Each gate here is its own
+    Parameter, so apply them per gate: ``weight_norm(m.cells.l0.fc_hi)``,
+    ``nn.init.orthogonal_(m.cells.l0.fc_hi.weight)``, and so on for fc_hf, fc_hg, fc_ho. (The
+    hook-based ``nn.utils.weight_norm`` recomputes a weight only when its Linear runs: plain path only.)
+    With fused=True each cell's parameters are views into one buffer in nn.LSTM's layout (as
+    nn.LSTM's ``flatten_parameters()`` makes them); one moved out (``.to()``, ``p.data = ...``)
+    goes back at the next forward. Initialisation is nn.LSTM's: U(-k, k), k = 1/sqrt(hidden_size).
 
     Examples::
 
@@ -374,22 +318,7 @@ class my_LSTM(nn.Module):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None, fused=True):
         super().__init__()
-        # nn.LSTM's checks, in its order, with its exception types
-        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise ValueError("my_LSTM: dropout should be a number in range [0, 1] representing the "
-                             f"probability of an element being zeroed, got {dropout!r}")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn("my_LSTM: dropout option adds dropout after all but last recurrent layer, so non-zero "
-                          f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
-                          f"num_layers={num_layers}", stacklevel=2)
-        for name, value in (('bias', bias), ('batch_first', batch_first)):
-            if not isinstance(value, bool):
-                raise TypeError(f"my_LSTM: {name} should be of type bool, got: {type(value).__name__}")
-        _check_sizes('my_LSTM', input_size, hidden_size, proj_size)
-        if not isinstance(num_layers, int):
-            raise TypeError(f"my_LSTM: num_layers should be of type int, got: {type(num_layers).__name__}")
-        if num_layers <= 0:
-            raise ValueError(f"my_LSTM: num_layers must be greater than zero, got {num_layers}")
+        _check_lstm_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size, self.fused = bidirectional, proj_size, fused
@@ -430,42 +359,19 @@ class my_LSTM(nn.Module):
             if batched and self.batch_first:
                 seq = seq.transpose(0, 1)                                     # (L, N, H_in)
             L, N = seq.shape[:2]
-            if L == 0:
-                raise RuntimeError("my_LSTM: Expected sequence length to be larger than 0 in RNN")
             x = seq.reshape(L * N, seq.size(2))                               # (T, H_in), T = L * N
             batch_sizes = [N] * L
-        weight = self.cells['l0'].fc_ii.weight
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-        if x.dtype != weight.dtype and not autocast:
-            # nn.LSTM checks dense input only; packed input fails in its kernel, with a RuntimeError
-            raise (RuntimeError if packed else ValueError)(
-                f"my_LSTM: RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
-                f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
-        if x.size(-1) != self.input_size:
-            raise RuntimeError(f"my_LSTM: input.size(-1) must be equal to input_size. "
-                               f"Expected {self.input_size}, got {x.size(-1)}")
-        # 2. initial states (D * num_layers, N, .), in the packed (sorted) batch order;
-        # None stands for zeros
+        autocast = _check_lstm_input(self, x, packed, batch_sizes)
+        # 2. initial states (D * num_layers, N, .), in the packed (sorted) batch order; None: zeros
         if hx is None:
             h0 = c0 = [None] * (self.num_layers * D)
         else:
-            h0, c0 = hx
-            want = 3 if batched else 2
-            if h0.dim() != want or c0.dim() != want:
-                raise RuntimeError(f"my_LSTM: For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx and cx "
-                                   f"should also be {want}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
-            if not batched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            for k, (state, size) in enumerate(((h0, h_out), (c0, self.hidden_size))):
-                expected = (self.num_layers * D, N, size)
-                if tuple(state.shape) != expected:
-                    raise RuntimeError(f"my_LSTM: Expected hidden[{k}] size {expected}, got {list(state.shape)}")
+            h0, c0 = _check_hidden(self, hx, batched, N, h_out)               # (D * num_layers, N, .)
             if packed and sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
         if autocast:  # as autocast runs nn.LSTM: input and states in the autocast dtype
             dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dtype)
-            h0, c0 = [h if h is None else h.to(dtype) for h in h0], [c if c is None else c.to(dtype) for c in c0]
+            x, h0, c0 = x.to(dtype), [h if h is None else h.to(dtype) for h in h0], [c if c is None else c.to(dtype) for c in c0]
         # 3. the stack: layer by layer, each direction with its own cell
         layer_fn = fused_lstm.lstm_layer if self.fused else lstm_layer
         reverse = _reversed_rows(batch_sizes, x.device) if D == 2 else None
@@ -502,23 +408,11 @@ class my_LSTM(nn.Module):
     @classmethod
     def from_lstm(cls, lstm, fused=True):
         """A my_LSTM with lstm's configuration, device, dtype, mode and (copied) weights."""
-        w = lstm.weight_ih_l0
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # nn.LSTM already warned about dropout with one layer
-            m = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first,
-                    lstm.dropout, lstm.bidirectional, lstm.proj_size, device=w.device, dtype=w.dtype, fused=fused)
-        m.load_state_dict(lstm.state_dict())
-        return m.train(lstm.training)
+        return _copy(lstm, cls, fused=fused)
 
     def to_lstm(self):
         """An nn.LSTM with this module's configuration, device, dtype, mode and (copied) weights."""
-        w = self.cells['l0'].fc_ii.weight
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
-                           self.dropout, self.bidirectional, self.proj_size, device=w.device, dtype=w.dtype)
-        lstm.load_state_dict(self.state_dict())
-        return lstm.train(self.training)
+        return _copy(self, nn.LSTM)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # nn.LSTM's keys: 'weight_ih_l0' becomes 'cells.l0.weight_ih' (which the cell splits into
@@ -541,6 +435,16 @@ class my_LSTM(nn.Module):
         return s
 
 
+def _copy(lstm, cls, **kwargs):
+    w = next(lstm.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the original already warned about dropout with one layer
+        new = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.dropout,
+                  lstm.bidirectional, lstm.proj_size, device=w.device, dtype=w.dtype, **kwargs)
+    new.load_state_dict(lstm.state_dict())
+    return new.train(lstm.training)
+
+
 def _save_with_lstm_keys(lstm, state_dict, prefix, local_metadata):
     """my_LSTM's state_dict hook: 'cells.l0.weight_ih' (from the cell's hook) becomes 'weight_ih_l0'."""
     for suffix in lstm.cells:
@@ -550,3 +454,86 @@ def _save_with_lstm_keys(lstm, state_dict, prefix, local_metadata):
                 state_dict[f'{prefix}{name}_{suffix}'] = value
         getattr(state_dict, '_metadata', {}).pop(f'{prefix}cells.{suffix}', None)
     getattr(state_dict, '_metadata', {}).pop(f'{prefix}cells', None)
+
+
+# --- nn.LSTM's and nn.LSTMCell's errors: their checks, exception types and messages ---
+
+def _check_sizes(cls, input_size, hidden_size, proj_size):
+    for name, value in (('input_size', input_size), ('hidden_size', hidden_size), ('proj_size', proj_size)):
+        if not isinstance(value, int):
+            raise TypeError(f"{cls}: {name} should be of type int, got: {type(value).__name__}")
+    if input_size <= 0 or hidden_size <= 0:
+        raise ValueError(f"{cls}: input_size and hidden_size must be greater than zero, "
+                         f"got input_size={input_size}, hidden_size={hidden_size}")
+    if proj_size < 0:
+        raise ValueError(f"{cls}: proj_size should be a positive integer or zero to disable projections, got {proj_size}")
+    if proj_size >= hidden_size:
+        raise ValueError(f"{cls}: proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
+                         f"and hidden_size={hidden_size}")
+
+
+def _check_lstm_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size):
+    if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        raise ValueError("my_LSTM: dropout should be a number in range [0, 1] representing the "
+                         f"probability of an element being zeroed, got {dropout!r}")
+    if dropout > 0 and num_layers == 1:
+        warnings.warn("my_LSTM: dropout option adds dropout after all but last recurrent layer, so non-zero "
+                      f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                      f"num_layers={num_layers}", stacklevel=3)
+    for name, value in (('bias', bias), ('batch_first', batch_first)):
+        if not isinstance(value, bool):
+            raise TypeError(f"my_LSTM: {name} should be of type bool, got: {type(value).__name__}")
+    _check_sizes('my_LSTM', input_size, hidden_size, proj_size)
+    if not isinstance(num_layers, int):
+        raise TypeError(f"my_LSTM: num_layers should be of type int, got: {type(num_layers).__name__}")
+    if num_layers <= 0:
+        raise ValueError(f"my_LSTM: num_layers must be greater than zero, got {num_layers}")
+
+
+def _check_lstm_input(lstm, x, packed, batch_sizes):
+    """Check x (T, H_in); returns whether autocast is on (nn.LSTM skips the dtype check then)."""
+    if not batch_sizes:
+        raise RuntimeError("my_LSTM: Expected sequence length to be larger than 0 in RNN")
+    weight = lstm.cells['l0'].fc_ii.weight
+    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    if x.dtype != weight.dtype and not autocast:
+        # nn.LSTM checks dense input only; packed input fails in its kernel, with a RuntimeError
+        raise (RuntimeError if packed else ValueError)(
+            f"my_LSTM: RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
+            f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
+    if x.size(-1) != lstm.input_size:
+        raise RuntimeError(f"my_LSTM: input.size(-1) must be equal to input_size. "
+                           f"Expected {lstm.input_size}, got {x.size(-1)}")
+    return autocast
+
+
+def _check_hidden(lstm, hx, batched, N, h_out):
+    h0, c0 = hx
+    want = 3 if batched else 2
+    if h0.dim() != want or c0.dim() != want:
+        raise RuntimeError(f"my_LSTM: For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx and cx "
+                           f"should also be {want}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
+    if not batched:
+        h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+    for k, (state, size) in enumerate(((h0, h_out), (c0, lstm.hidden_size))):
+        expected = (lstm.num_layers * (2 if lstm.bidirectional else 1), N, size)
+        if tuple(state.shape) != expected:
+            raise RuntimeError(f"my_LSTM: Expected hidden[{k}] size {expected}, got {list(state.shape)}")
+    return h0, c0
+
+
+def _check_cell_input(input, hx, input_size, h_out, hidden_size):
+    if input.dim() not in (1, 2):
+        raise ValueError(f"my_LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    for k, state in enumerate(hx or ()):
+        if state.dim() not in (1, 2):
+            raise ValueError(f"my_LSTMCell: Expected hx[{k}] to be 1D or 2D, got {state.dim()}D instead")
+    if input.size(-1) != input_size:
+        raise RuntimeError(f"my_LSTMCell: input has inconsistent input_size: got {input.size(-1)} expected {input_size}")
+    for k, (state, size) in enumerate(zip(hx or (), (h_out, hidden_size))):
+        if state.size(-1) != size:
+            raise RuntimeError(f"my_LSTMCell: hidden{k} has inconsistent hidden_size: got {state.size(-1)}, "
+                               f"expected {size}")
+        if state.shape[:-1] != input.shape[:-1]:
+            raise RuntimeError(f"my_LSTMCell: Input batch size {input.size(0) if input.dim() == 2 else 1} "
+                               f"doesn't match hidden{k} batch size {state.size(0) if state.dim() == 2 else 1}")

@@ -297,7 +297,7 @@ def test_cell_matches_nn_lstmcell():
     torch.manual_seed(0)
     ref = nn.LSTMCell(H_IN, H)
     cell = my_LSTMCell(H_IN, H)
-    cell.load_lstm_weights({k: v for k, v in ref.state_dict().items()})
+    cell.load_state_dict(ref.state_dict())
     x, hx = torch.randn(3, H_IN), (torch.randn(3, H), torch.randn(3, H))
     for a, b in zip(ref(x, hx), cell(x, hx)):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
