@@ -13,11 +13,8 @@ with ``torch.load(weights_only=True)`` so that no file this repository reads can
 `load_captioner` rebuilds (encoder, decoder, vocab) from such a file, or from the
 tutorial's published files (encoder-5-3000.pkl, decoder-5-3000.pkl, vocab.pkl).
 """
-import glob
-import hashlib
 import os
 import socket
-import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +22,7 @@ import torch
 from torchvision.models import ResNet152_Weights
 
 from model import DecoderRNN, EncoderCNN
+from utils import atomic_write, file_sha256
 from vocab import Vocabulary, load_vocab
 
 IMAGENET_WEIGHTS = ResNet152_Weights.IMAGENET1K_V1  # what the tutorial's encoder used
@@ -51,7 +49,7 @@ def encoder_spec(encoder_weights, seed=0):
     if not os.path.isfile(encoder_weights):
         raise EncoderWeightsError(
             f"--encoder_weights: {encoder_weights!r} is neither 'imagenet', 'none' nor an existing file")
-    return {'source': 'file', 'path': os.path.abspath(encoder_weights), 'sha256': _sha256(encoder_weights)}
+    return {'source': 'file', 'path': os.path.abspath(encoder_weights), 'sha256': file_sha256(encoder_weights)}
 
 
 def encoder_id(spec):
@@ -109,7 +107,7 @@ def build_encoder(embed_size, spec):
     path = spec['path']
     if not os.path.isfile(path):
         raise EncoderWeightsError(f"encoder weights file {path} not found: pass --encoder_weights PATH")
-    if _sha256(path) != spec['sha256']:
+    if file_sha256(path) != spec['sha256']:
         warnings.warn(f"encoder weights file {path} changed since the checkpoint was written")
     encoder = EncoderCNN(embed_size, weights=None)
     state = torch.load(path, map_location='cpu', weights_only=True)
@@ -150,48 +148,83 @@ def _resnet_key(key):
     return f'{_TORCHVISION_NAMES.index(head)}.{rest}' if head in _TORCHVISION_NAMES else key
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------
 # Saving and loading
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash while
-    saving leaves the previous checkpoint intact (os.replace is atomic on POSIX)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    """torch.save through utils.atomic_write: a crash or a full disk while saving leaves the
+    previous file at `path` intact and no temporary file behind.
+
+    Raises OSError when the file cannot be written (torch.save reports a full disk as a
+    RuntimeError from its zip writer: that becomes an OSError naming the file too)."""
     try:
-        with os.fdopen(fd, 'wb') as f:
+        with atomic_write(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except RuntimeError as e:
+        raise OSError(f'torch.save could not write {path} ({str(e).strip() or type(e).__name__}; '
+                      f'is the disk full?)') from None
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """torch.load with weights_only=True (tensors and plain containers only)."""
+    """torch.load with weights_only=True (tensors and plain containers only).
+
+    A missing file raises FileNotFoundError; any other file torch cannot load (empty,
+    truncated, not a torch file, or one that would run code) raises ValueError."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found: train a model first (python train.py)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a loadable checkpoint: {str(e).splitlines()[0]}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        size = os.path.getsize(path)
+        raise ValueError(f"{path} ({size} bytes) is not a loadable checkpoint ({reason}): it may be truncated "
+                         f"or not a torch file; pass one train.py wrote, e.g. models/latest.pt") from None
 
 
-def latest_checkpoint(model_path):
-    """The newest *.pt train.py wrote in model_path, or None."""
-    paths = glob.glob(os.path.join(model_path, '*.pt'))
-    return max(paths, key=os.path.getmtime) if paths else None
+# what every train.py checkpoint holds, whatever its version
+CHECKPOINT_KEYS = ('encoder', 'decoder', 'vocab', 'args', 'encoder_weights')
+
+
+def load_ours(path, map_location='cpu'):
+    """load_checkpoint, then check that it is a checkpoint of train.py (ValueError if not)."""
+    ckpt = load_checkpoint(path, map_location)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of train.py (it has no {', '.join(map(repr, missing))}): "
+                         f"pass one train.py wrote, e.g. models/latest.pt, or the tutorial's files with "
+                         f"--encoder_path, --decoder_path and --vocab_path")
+    return ckpt
+
+
+def default_checkpoint(model_path):
+    """The model sample.py and evaluate.py take without --checkpoint: best.pt, the one train.py
+    keeps as the best, else latest.pt; None when model_path has neither."""
+    for name in ('best.pt', 'latest.pt'):
+        path = os.path.join(model_path, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def describe(path, ckpt):
+    """One line naming a checkpoint for the user, in train.py's epoch numbering, e.g.
+    'models/best.pt (after epoch [1/2], validation loss 3.1234)'."""
+    args = ckpt.get('args', {})
+    total = args.get('num_epochs', '?')
+    validated = [row for row in ckpt.get('history', []) if row.get('split') == 'val']
+    parts = []
+    if ckpt.get('step'):
+        parts.append(f"epoch [{ckpt['epoch']}/{total}] at step {ckpt['step']}")
+    if validated:
+        last = validated[-1]
+        parts.append(f"after epoch [{last['epoch']}/{total}], validation loss {last['loss']:.4f}")
+        best = ckpt.get('best') or {}
+        select_by = args.get('select_by', 'loss')
+        if select_by != 'loss' and best.get('global_step') == last['global_step']:
+            parts[-1] += f", {select_by} {best['score']:.2f}"
+    elif 'epoch' in ckpt:
+        parts.append('not validated yet')
+    return f"{path} ({'; '.join(parts)})" if parts else str(path)
 
 
 def encoder_state(encoder):
@@ -203,7 +236,7 @@ def add_model_args(parser):
     """The flags that say which model to load (sample.py and evaluate.py): a checkpoint of
     train.py, or the tutorial's three files; they go to `load_captioner` by the same names."""
     parser.add_argument('--checkpoint', type=str, default=None,
-                        help='a train.py checkpoint (default: the newest in --model_path)')
+                        help='a train.py checkpoint; not given: best.pt in --model_path, else latest.pt')
     parser.add_argument('--model_path', type=str, default='models/', help='where train.py wrote its checkpoints')
     parser.add_argument('--encoder_path', type=str, default=None, help="the tutorial's encoder-*.pkl")
     parser.add_argument('--decoder_path', type=str, default=None,
@@ -221,55 +254,54 @@ class Captioner:
     vocab: Vocabulary
     image_size: int  # resize.py's square size
     crop_size: int   # the centre crop fed to the ResNet
-    source: str      # where it came from, for the user
+    source: str      # one line naming the file(s) it came from, for the user to see
 
 
 def load_captioner(checkpoint=None, encoder_path=None, decoder_path=None, vocab_path=None,
                    model_path='models/', encoder_weights=None, device='cpu'):
     """Rebuild a captioner in eval mode on `device`.
 
-    Either a checkpoint of train.py (by default the newest in model_path), or the
-    tutorial's three files: --encoder_path (a full EncoderCNN state dict with the
+    Either a checkpoint of train.py (by default best.pt in model_path, else latest.pt), or
+    the tutorial's three files: --encoder_path (a full EncoderCNN state dict with the
     ResNet), --decoder_path (DecoderRNN with nn.LSTM keys) and --vocab_path.
     `encoder_weights` ('imagenet', 'none' or a path) overrides the recorded encoder.
     """
     if decoder_path is not None:
         state = load_checkpoint(decoder_path)
         if 'decoder' in state:  # one of ours, passed under the tutorial's flag
+            others = [f'--{n}' for n, v in (('encoder_path', encoder_path), ('vocab_path', vocab_path)) if v]
+            if others:
+                raise ValueError(f"{decoder_path} is a checkpoint of train.py: it carries its own encoder and "
+                                 f"vocabulary, which {' and '.join(others)} cannot replace; drop "
+                                 f"{' and '.join(others)} (or pass it as --checkpoint {decoder_path})")
             checkpoint = decoder_path
         else:
             cap = _load_tutorial(encoder_path, state, vocab_path, encoder_weights, decoder_path)
             return _to(cap, device)
     if checkpoint is None:
-        checkpoint = latest_checkpoint(model_path)
+        checkpoint = default_checkpoint(model_path)
         if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint in {model_path}: train a model first (python train.py), "
-                                    f"or pass --encoder_path, --decoder_path and --vocab_path")
-    ckpt = load_checkpoint(checkpoint)
+            raise FileNotFoundError(f"no best.pt or latest.pt in {model_path}: train a model first (python train.py), "
+                                    f"or pass --checkpoint, or --encoder_path, --decoder_path and --vocab_path")
+    ckpt = load_ours(checkpoint)
     args = ckpt['args']
     spec = encoder_spec(encoder_weights, args.get('seed', 0)) if encoder_weights else ckpt['encoder_weights']
     encoder = build_encoder(args['embed_size'], spec)
     missing, unexpected = encoder.load_state_dict(ckpt['encoder'], strict=False)
     assert not unexpected and all(k.startswith('resnet.') for k in missing), 'encoder state mismatch'
+    # a sha256 string; some checkpoints hold a float checksum instead, which no longer has a
+    # counterpart to compare with
     fingerprint = ckpt.get('encoder_fingerprint')
-    if fingerprint is not None and not _same(fingerprint, resnet_fingerprint(encoder)):
+    if isinstance(fingerprint, str) and fingerprint != encoder.fingerprint():
         warnings.warn(f"{checkpoint}: the rebuilt ResNet ({encoder_id(spec)}) differs from the one it was "
                       f"trained with (another torch version initialises differently?); captions may be off")
     vocab = Vocabulary.from_words(ckpt['vocab'])
     decoder = DecoderRNN(args['embed_size'], args['hidden_size'], len(vocab), args['num_layers'],
                          args.get('max_seq_length', 20))
     decoder.load_state_dict(ckpt['decoder'])
-    cap = Captioner(encoder, decoder, vocab, args.get('image_size', 256), args['crop_size'], checkpoint)
+    cap = Captioner(encoder, decoder, vocab, args.get('image_size', 256), args['crop_size'],
+                    describe(checkpoint, ckpt))
     return _to(cap, device)
-
-
-def resnet_fingerprint(encoder):
-    """A cheap checksum of the frozen ResNet, stored so a rebuilt one can be checked."""
-    return float(sum(p.double().sum() for p in encoder.resnet.parameters()))
-
-
-def _same(a, b):
-    return abs(a - b) <= 1e-6 * max(1.0, abs(a))
 
 
 def _load_tutorial(encoder_path, decoder_state, vocab_path, encoder_weights, decoder_path):

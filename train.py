@@ -29,7 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subse
 from tqdm import tqdm
 
 from checkpoint import (EncoderWeightsError, build_encoder, encoder_id, encoder_spec, encoder_state,
-                        load_checkpoint, resnet_fingerprint, save_checkpoint)
+                        load_checkpoint, save_checkpoint)
 from data_loader import CocoDataset, collate_fn, image_transform
 from model import DecoderRNN
 from vocab import load_vocab
@@ -425,7 +425,7 @@ def main(argv=None):
     total_step = len(EpochBatchSampler(sampler, args.batch_size))
     os.makedirs(args.model_path, exist_ok=True)
     latest = os.path.join(args.model_path, 'latest.pt')
-    fingerprint = resnet_fingerprint(encoder)  # once: the ResNet is frozen
+    fingerprint = encoder.fingerprint()  # once: the ResNet is frozen
 
     def checkpoint(epoch, step):
         """Everything to continue from the batch after `step` of `epoch` (rank 0 writes)."""

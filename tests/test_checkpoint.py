@@ -133,3 +133,41 @@ def test_gpu_checkpoint_loads_on_cpu(tiny_coco, tiny_vocab, tmp_path):
     run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, '--dry_run', '--device', 'cuda'))
     captioner = load_captioner(model_path=str(tmp_path), device='cpu')
     assert next(captioner.decoder.parameters()).device.type == 'cpu'
+
+
+def _tiny_checkpoint(path, epoch, loss, **extra):
+    """A checkpoint of train.py's layout (the model's weights are not read by describe)."""
+    ckpt = {'encoder': {}, 'decoder': {}, 'vocab': ['<pad>'], 'encoder_weights': {'source': 'none', 'seed': 0},
+            'args': {'num_epochs': 3, 'select_by': 'loss'}, 'epoch': epoch, 'step': 0,
+            'history': [{'split': 'val', 'epoch': epoch - 1, 'loss': loss, 'global_step': 5 * epoch}], **extra}
+    checkpoint.save_checkpoint(ckpt, path)
+    return ckpt
+
+
+def test_default_model_is_best_then_latest(tmp_path):
+    assert checkpoint.default_checkpoint(str(tmp_path)) is None
+    _tiny_checkpoint(tmp_path / 'latest.pt', 2, 3.5)
+    assert checkpoint.default_checkpoint(str(tmp_path)) == str(tmp_path / 'latest.pt')
+    _tiny_checkpoint(tmp_path / 'best.pt', 1, 3.25)
+    os.utime(tmp_path / 'best.pt', (1, 1))  # older than latest.pt: still the one taken
+    assert checkpoint.default_checkpoint(str(tmp_path)) == str(tmp_path / 'best.pt')
+    ckpt = load_checkpoint(tmp_path / 'best.pt')
+    assert checkpoint.describe('models/best.pt', ckpt) == 'models/best.pt (after epoch [0/3], validation loss 3.2500)'
+    ckpt['step'], ckpt['args']['select_by'], ckpt['best'] = 4, 'bleu4', {'score': 12.345, 'global_step': 5}
+    assert checkpoint.describe('models/latest.pt', ckpt) == \
+        'models/latest.pt (epoch [1/3] at step 4; after epoch [0/3], validation loss 3.2500, bleu4 12.35)'
+
+
+@pytest.mark.parametrize('content', [b'', b'PK\x03\x04 half a zip', b'not a checkpoint at all'])
+def test_broken_checkpoint_is_a_value_error_naming_it(tmp_path, content):
+    (tmp_path / 'latest.pt').write_bytes(content)
+    with pytest.raises(ValueError, match=f'latest.pt \\({len(content)} bytes\\) is not a loadable checkpoint'):
+        load_checkpoint(tmp_path / 'latest.pt')
+
+
+def test_a_plain_state_dict_is_not_ours(tmp_path):
+    torch.save(nn.Linear(2, 3).state_dict(), tmp_path / 'plain.pt')
+    with pytest.raises(ValueError, match="plain.pt is not a checkpoint of train.py .*'encoder'"):
+        checkpoint.load_ours(tmp_path / 'plain.pt')
+    with pytest.raises(ValueError, match='not a checkpoint of train.py'):
+        load_captioner(checkpoint=str(tmp_path / 'plain.pt'))

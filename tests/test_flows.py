@@ -131,7 +131,11 @@ def test_resume_to_a_third_epoch(default_run, tmp_path, shared_encoder):
 def test_sample_and_evaluate_find_the_model(default_run, data_root):
     """No model flags: both take models/best.pt, and say so."""
     root, _ = default_run
+    best = load_checkpoint(root / 'models' / 'best.pt')
+    chosen = checkpoint.describe(os.path.join('models/', 'best.pt'), best)  # e.g. 'models/best.pt (after epoch [1/2], ...'
+    assert chosen.startswith('models/best.pt (after epoch [') and 'validation loss' in chosen
     proc = run('sample.py', '--image', 'data/resized2014/img_000.png', cwd=root)
+    assert f'model: {chosen}' in proc.stderr
     words, vocab = proc.stdout.strip().splitlines()[-1].split(), load_vocab(root / 'data' / 'vocab.pkl')
     assert 0 < len(words) <= 20 and all(w in vocab.word2idx for w in words), words
     # evaluate.py's default is val2014; without it, the training pictures stand in
@@ -139,5 +143,6 @@ def test_sample_and_evaluate_find_the_model(default_run, data_root):
         '--image_dir', 'data/resized2014', '--caption_path', 'data/annotations/captions_train2014.json']
     proc = run('evaluate.py', *data, '--num_workers', 0, cwd=root)
     assert re.search(r'^BLEU-4 +\d+\.\d\d$', proc.stdout, re.M), proc.stdout
+    assert f'model: {chosen}' in proc.stdout
     assert os.path.isfile(root / 'models' / ('captions_val2014_results.json' if not data
                                              else 'captions_train2014_results.json'))
