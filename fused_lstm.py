@@ -62,21 +62,23 @@ def flatten(cell):
     owners = {id(p): (key, m, name) for key, m in cell._modules.items() if m is not None
               for name, p in m._parameters.items() if p is not None}
     checks = [owners[id(p)] + (p, p.data_ptr()) for p in params]
-    cell._flat_lstm = (flat, checks, {name: ps for name, ps in layout})
+    names = ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh', 'weight_hr')
+    cell._flat_lstm = (flat, checks, {name: ps for name, ps in layout}, tuple(flat.get(k) for k in names))
     return flat
 
 
 def _flat(cell):
-    """(cell's flat weights, {name: per-gate parameters}) if the parameters still live in them,
-    else after flattening anew; flat weights None where they cannot (see flatten)."""
+    """cell._flat_lstm if the parameters still live in its buffer, else after flattening anew
+    (None where they cannot, see flatten): (flat weights, checks, {name: per-gate parameters},
+    the flat weights as lstm_weights returns them)."""
     state = getattr(cell, '_flat_lstm', None)
     if state is not None:
         modules = cell._modules
         if all(modules.get(key) is m and m._parameters.get(name) is p and p.data_ptr() == ptr
                for key, m, name, p, ptr in state[1]):
-            return state[0], state[2]
-    flat = flatten(cell)
-    return flat, dict(cell.lstm_layout())
+            return state
+    flatten(cell)
+    return cell._flat_lstm
 
 
 class _Joined(torch.autograd.Function):
@@ -98,16 +100,19 @@ class _Joined(torch.autograd.Function):
 def lstm_weights(cell):
     """(w_ih, w_hh, b_ih, b_hh, w_hr) in nn.LSTM's layout, current, differentiable w.r.t. the
     per-gate parameters; b_ih, b_hh, w_hr are None where the cell has none."""
-    flat, layout = _flat(cell)
+    state = _flat(cell)
     grad = torch.is_grad_enabled()
+    if state is not None and not grad:
+        return state[3]                                   # greedy decoding: nothing to route
+    layout = state[2] if state is not None else dict(cell.lstm_layout())
     out = {}
     for name, ps in layout.items():
-        if flat is None:
+        if state is None:
             out[name] = torch.cat(ps) if len(ps) > 1 else ps[0]
         elif grad and any(p.requires_grad for p in ps):
-            out[name] = _Joined.apply(flat[name], *ps)
+            out[name] = _Joined.apply(state[0][name], *ps)
         else:
-            out[name] = flat[name]
+            out[name] = state[0][name]
     return tuple(out.get(k) for k in ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh', 'weight_hr'))
 
 
@@ -427,12 +432,12 @@ def _run(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):
     """lstm_layer's work on nn.LSTM-layout weights: the autograd Function, or, with no
     gradient to compute, the forward alone (one step from a given state: _step)."""
     args = (x, w_ih, b, h0, c0, w_hh, w_hr)
-    last = _last_rows(batch_sizes, x.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return _LSTMLayer.apply(*args, batch_sizes, last)
+        return _LSTMLayer.apply(*args, batch_sizes, _last_rows(batch_sizes, x.device))
     if len(batch_sizes) == 1 and h0 is not None:
         h, c = _step(x, h0, c0, w_ih, w_hh, b, w_hr)
         return h, h, c
+    last = _last_rows(batch_sizes, x.device)
     hs, (_, cs, _, _) = _recurrence(*args, batch_sizes)
     if isinstance(last, slice):
         return hs, hs[last], cs[last]                                   # views will do: no autograd here
