@@ -63,8 +63,7 @@ class my_LSTMCell(nn.Module):
         input_size: H_in, the number of features of x
         hidden_size: H, the number of features of c (and of h without projection)
         bias: if False, the gates' Linear layers have no bias. Default: True
-        proj_size: if > 0, h' = W_hr (o * tanh(c')) has H_out = proj_size features
-            (nn.LSTM's projection; nn.LSTMCell has none). Default: 0
+        proj_size: if > 0, h' = W_hr (o * tanh(c')) has H_out = proj_size features. Default: 0
 
     Inputs: input, (h_0, c_0)
         * input: (N, H_in) or (H_in,)
@@ -148,8 +147,6 @@ class my_LSTMCell(nn.Module):
             self.gate_log.append({k: t.detach() for k, t in dict(i=i, f=f, g=g, o=o, c=c, h=h).items()})
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
-    # --- conversion to and from nn.LSTM's layout (LSTM_LAYOUT above) ---
-
     def lstm_layout(self):
         """Yield (nn.LSTM name, [our per-gate parameters in i, f, g, o order]) for the names this cell has."""
         for name, parts in LSTM_LAYOUT.items():
@@ -178,14 +175,13 @@ class my_LSTMCell(nn.Module):
 
 
 def _save_in_lstm_layout(cell, state_dict, prefix, local_metadata):
-    """my_LSTMCell's state_dict hook: the per-gate keys become nn.LSTMCell's."""
-    with torch.no_grad():
-        for name, weight in cell.lstm_weights().items():
-            for part in LSTM_LAYOUT[name]:
-                del state_dict[prefix + part]
-            state_dict[prefix + name] = weight.detach()
-    for child in cell._modules:
-        getattr(state_dict, '_metadata', {}).pop(prefix + child, None)
+    """my_LSTMCell's state_dict hook: the per-gate keys become nn.LSTMCell's (where all are
+    there: a parametrized gate, e.g. weight_norm, keeps its own keys)."""
+    for name, parts in LSTM_LAYOUT.items():
+        keys = [prefix + p for p in parts]
+        if all(k in state_dict for k in keys):
+            with torch.no_grad():
+                state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys])
 
 
 def _get(module, dotted):
@@ -452,8 +448,6 @@ def _save_with_lstm_keys(lstm, state_dict, prefix, local_metadata):
             value = state_dict.pop(f'{prefix}cells.{suffix}.{name}', None)
             if value is not None:
                 state_dict[f'{prefix}{name}_{suffix}'] = value
-        getattr(state_dict, '_metadata', {}).pop(f'{prefix}cells.{suffix}', None)
-    getattr(state_dict, '_metadata', {}).pop(f'{prefix}cells', None)
 
 
 # --- nn.LSTM's and nn.LSTMCell's errors: their checks, exception types and messages ---

@@ -765,3 +765,22 @@ def test_fused_switch():
     plain = my_LSTM(H_IN, H, num_layers=2, bidirectional=True, fused=False)
     plain.load_state_dict(m.state_dict())
     assert plain.fused is False
+
+
+def test_per_gate_weight_norm_on_both_paths():
+    """What nn.LSTM does by name (weight_norm(lstm, 'weight_hh_l0')) is done per gate here."""
+    torch.manual_seed(0)
+    m = my_LSTM(H_IN, H)
+    for gate in ('fc_hi', 'fc_hf', 'fc_hg', 'fc_ho'):
+        nn.utils.parametrizations.weight_norm(getattr(m.cells.l0, gate))
+    x = torch.randn(3, 2, H_IN)
+    out_fused = m(x)[0]
+    m.fused = False
+    torch.testing.assert_close(m(x)[0], out_fused, atol=1e-6, rtol=1e-5)
+    sd = m.state_dict()                            # the parametrized gates keep their own keys
+    assert 'weight_ih_l0' in sd and 'cells.l0.fc_hi.parametrizations.weight.original0' in sd
+    m2 = my_LSTM(H_IN, H)
+    for gate in ('fc_hi', 'fc_hf', 'fc_hg', 'fc_ho'):
+        nn.utils.parametrizations.weight_norm(getattr(m2.cells.l0, gate))
+    m2.load_state_dict(sd)
+    torch.testing.assert_close(m2(x)[0], out_fused, atol=1e-6, rtol=1e-5)
