@@ -158,6 +158,14 @@ ODD = edit(edit(GOOD['params'], 'self.Wx = nn.Parameter(torch.randn(input_size, 
                 'self.Wx = nn.Parameter(torch.randn(4, input_size, hidden_size) * 0.1)'),
            'a = x @ self.Wx + h @ self.Wh + self.b', 'a = torch.cat([x @ w for w in self.Wx], 1) + h @ self.Wh + self.b')
 
+# right values, but the output packed from the batch reversed: rows of equal-length sequences
+# swap places in .data (unpacked, it is the same)
+REORDERED = edit(GOOD['fused'], '''            out = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=input.sorted_indices is None)''',
+                 '''            flip = torch.arange(N - 1, -1, -1)
+            out = pack_padded_sequence(x[flip], lengths[flip], batch_first=True, enforce_sorted=False)
+            order = flip[out.sorted_indices]
+            out = PackedSequence(out.data, out.batch_sizes, order, torch.argsort(order))''')
+
 BROKEN = {
     'no_import': ('import torch\nfrom torch import no_such_thing\n', 'import', 'ImportError'),
     'hangs': ('import time\nwhile True:\n    time.sleep(0.1)\n', 'timeout', 'it hung in: import'),
@@ -199,6 +207,7 @@ def checked(tmp_path_factory):
     sources.update({k: v[0] for k, v in BUGS.items()})
     sources.update({k: v[0] for k, v in BROKEN.items()})
     sources['odd'] = ODD
+    sources['reordered'] = REORDERED
     paths = [write(tmp, name, src) for name, src in sources.items()]
     proc = run('check_lstm.py', '--quick', '--jobs', 2, '--timeout', 20, *paths, check=False)
     return proc, parse(proc.stdout)
@@ -253,7 +262,17 @@ def test_summary_table(checked):
     proc, (reports, _) = checked
     table = proc.stdout[proc.stdout.index('submission '):].splitlines()
     assert len(table) == len(reports) + 2
-    assert table[-1] == f'{len(GOOD)}/{len(reports)} pass'
+    assert table[-1] == f'{len(GOOD) + 1}/{len(reports)} pass'  # and the reordered one
+
+
+def test_packed_output_is_judged_unpacked(checked):
+    """Another row order in .data passes (the values are right), with a note for the TA."""
+    _, (reports, verdicts) = checked
+    assert verdicts['reordered'] == 'PASS'
+    for check in ('packed sorted', 'packed unsorted'):
+        status, text = reports['reordered'][check]
+        assert status == 'ok' and "note: its .data rows are not in the input's order" in text
+        assert 'note' not in reports['fused'][check][1]
 
 
 def test_unmatched_weights_still_checked(checked):
