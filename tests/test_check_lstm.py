@@ -151,6 +151,10 @@ BUGS = {
                                  'return (x if self.batch_first else x.transpose(0, 1)), (h_n, c_n)',
                                  'return x.transpose(0, 1), (h_n, c_n)'),
                             'forward 1 layer', 'batch_first ignored'),
+    'hx_ignored': (edit(edit(GOOD['per_gate'], 'h = x.new_zeros(N, self.hidden_size) if hx is None else hx[0][k]',
+                             'h = x.new_zeros(N, self.hidden_size)'),
+                        'c = x.new_zeros(N, self.hidden_size) if hx is None else hx[1][k]', 'c = x.new_zeros(N, self.hidden_size)'),
+                   'given hx', 'hx is ignored'),
 }
 
 # all four gates' input weights in one (4, H_in, H) tensor: right, but no shape the checker maps
@@ -244,6 +248,8 @@ def test_bugs_are_named_where_they_are(checked):
     assert r['forward 1 layer'][0] == 'ok' and r['gradients'][0] == 'ok'
     assert r['packed unsorted'][0] == 'FAIL'
     # a bug in the forward is found with the weights matched, so the other checks still say something
+    r = reports['hx_ignored']
+    assert r['gradients'] == ('ok', r['gradients'][1]) and r['gradients'][1].startswith('input and all 16 parameters')
     r = reports['tanh_gate']
     assert r['weights'][0] == 'ok' and 'W_xf=f' in r['weights'][1]
     assert r['gradients'][0] == 'ok' and 'the LSTM it computes' in r['gradients'][1]
