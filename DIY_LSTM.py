@@ -338,6 +338,13 @@ class my_LSTM(nn.Module):
         for cell in self.cells.values():
             fused_lstm.flatten(cell)
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() give the parameters new memory: flatten them there now, as
+        # nn.LSTM does, before anyone (an optimizer, DDP) holds on to them
+        super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return self
+
     def forward(self, input, hx=None):
         D = 2 if self.bidirectional else 1
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
