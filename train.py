@@ -10,13 +10,16 @@ best.pt (lowest validation loss, or best caption score with --select_by), train_
 train_log.png. --resume models/latest.pt continues exactly where it left off.
 """
 import argparse
+import contextlib
 import csv
+import glob
 import math
 import os
 import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -29,10 +32,19 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subse
 from tqdm import tqdm
 
 from checkpoint import (EncoderWeightsError, build_encoder, encoder_id, encoder_spec, encoder_state,
-                        load_checkpoint, save_checkpoint)
+                        load_checkpoint, load_ours, save_checkpoint)
 from data_loader import CocoDataset, collate_fn, image_transform
 from model import DecoderRNN
+from utils import atomic_write, fail, pid_alive, remove_stale_temporaries
 from vocab import load_vocab
+
+try:  # the lock that keeps two runs out of one --model_path (POSIX)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: keeping runs apart is up to the user
+    fcntl = None
+
+PROG = 'train.py'
+ARCHITECTURE = ('embed_size', 'hidden_size', 'num_layers')  # what the saved weights' shapes fix
 
 
 def get_args(argv=None):
@@ -62,10 +74,10 @@ def get_args(argv=None):
     parser.add_argument('--encoder_weights', type=str, default='imagenet',
                         help="frozen ResNet-152 weights: 'imagenet', 'none' (random, seeded by --seed) or a path")
     # optimisation
-    parser.add_argument('--num_epochs', type=int, default=5)
+    parser.add_argument('--num_epochs', type=int, default=5, help='passes over the training captions')
     parser.add_argument('--batch_size', type=int, default=128, help='captions per step, per GPU under torchrun')
     parser.add_argument('--num_workers', type=int, default=2, help='data loading processes (per GPU)')
-    parser.add_argument('--learning_rate', type=float, default=0.001)
+    parser.add_argument('--learning_rate', type=float, default=0.001, help="Adam's step size")
     # speed
     parser.add_argument('--augment', type=str, default='crop_flip', choices=['crop_flip', 'none'],
                         help="training crops: the tutorial's random crop and flip, or the centre crop")
@@ -75,7 +87,7 @@ def get_args(argv=None):
     parser.add_argument('--cache_views', type=int, default=5,
                         help='with --feature_cache on and --augment crop_flip: random crops cached per image')
     parser.add_argument('--feature_cache_dir', type=str, default=None,
-                        help='where cached features go (default: features/ beside --image_dir)')
+                        help='where cached features go; not given: features/ beside --image_dir')
     parser.add_argument('--amp', type=str, default='off', choices=['off', 'bf16', 'fp16'],
                         help='mixed precision autocast (fp16 adds a gradient scaler)')
     # evaluation and checkpoints
@@ -90,24 +102,25 @@ def get_args(argv=None):
     parser.add_argument('--dry_run', action='store_true', help='one training step and one checkpoint, then exit')
     parser.add_argument('--max_steps', type=int, default=0, help='stop after this many steps in all (0: no limit)')
     # run
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seeds the weights, the shuffling, the crops and (with --encoder_weights none) the ResNet')
     parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="'cpu', 'cuda', 'cuda:1', 'mps'; under torchrun each process takes cuda:LOCAL_RANK")
     args = parser.parse_args(argv)
-    for name in ('log_step', 'save_step', 'batch_size', 'num_epochs', 'cache_views', 'select_subset'):
+    for name in ('log_step', 'save_step', 'batch_size', 'num_epochs', 'cache_views', 'select_subset', 'crop_size',
+                 'image_size', 'embed_size', 'hidden_size', 'num_layers', 'max_seq_length'):
         if getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
+    for name in ('num_workers', 'recalibrate_bn', 'max_steps'):
+        if getattr(args, name) < 0:
+            parser.error(f'--{name} must be 0 or more, got {getattr(args, name)}')
+    if not 0 < args.learning_rate < math.inf:
+        parser.error(f'--learning_rate must be a positive number, got {args.learning_rate}')
     if not 0 < args.val_fraction < 1:
         parser.error(f'--val_fraction must be in (0, 1), got {args.val_fraction}')
     if args.crop_size > args.image_size:
         parser.error(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}')
     return args
-
-
-def fail(message):
-    """Bad input: one line saying what is wrong and how to fix it, exit code 2, no traceback."""
-    print(f'train.py: error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------
@@ -192,6 +205,27 @@ def held_out(dataset, image_ids):
     return inside, outside
 
 
+def feature_set(args, root, json, views, train, vocab, encoder, spec, device, rank):
+    """A FeatureDataset over the cache of (root, json): rank 0 fills the cache while the
+    others wait, then all read it."""
+    from feature_cache import FeatureCache, FeatureDataset  # imported only by runs that use it
+    cache_dir = args.feature_cache_dir or os.path.join(os.path.dirname(os.path.normpath(root)), 'features')
+    cache = FeatureCache(root=root, json=json, crop_size=args.crop_size, views=views, encoder_id=encoder_id(spec),
+                         cache_dir=cache_dir, seed=args.seed, amp_dtype=amp_dtype(args))
+    if rank == 0:
+        cache.load_or_build(encoder, device, batch_size=args.batch_size, num_workers=args.num_workers)
+    if dist.is_initialized():
+        dist.barrier()
+    cache.load_or_build(encoder, device, batch_size=args.batch_size, num_workers=args.num_workers)
+    return FeatureDataset(cache, vocab, seed=args.seed, train=train)
+
+
+def image_set(args, root, json, train, vocab):
+    """A CocoDataset of pictures: the tutorial's random crop and flip, or the centre crop."""
+    transform = image_transform(args.crop_size, train=train and args.augment != 'none')
+    return CocoDataset(root, json, vocab, transform, seed=args.seed)
+
+
 def make_datasets(args, vocab, encoder, spec, device, rank):
     """Training and validation datasets: pictures through the ResNet, or cached features.
 
@@ -202,37 +236,21 @@ def make_datasets(args, vocab, encoder, spec, device, rank):
     deterministic = args.augment == 'none'
     cached = args.feature_cache == 'on' or (args.feature_cache == 'auto' and deterministic)
     views = 1 if deterministic else args.cache_views
-
-    def feature_set(root, json, views, train):
-        from feature_cache import FeatureCache, FeatureDataset  # imported only by runs that use it
-        cache_dir = args.feature_cache_dir or os.path.join(os.path.dirname(os.path.normpath(root)), 'features')
-        cache = FeatureCache(root=root, json=json, crop_size=args.crop_size, views=views, encoder_id=encoder_id(spec),
-                             cache_dir=cache_dir, seed=args.seed, amp_dtype=amp_dtype(args))
-        if rank == 0:  # one process fills the cache while the others wait, then all read it
-            cache.load_or_build(encoder, device, batch_size=args.batch_size, num_workers=args.num_workers)
-        if dist.is_initialized():
-            dist.barrier()
-        cache.load_or_build(encoder, device, batch_size=args.batch_size, num_workers=args.num_workers)
-        return FeatureDataset(cache, vocab, seed=args.seed, train=train)
-
-    def image_set(root, json, train):
-        transform = image_transform(args.crop_size, train=train and not deterministic)
-        return CocoDataset(root, json, vocab, transform, seed=args.seed)
-
     have_val = os.path.isfile(args.val_caption_path) and os.path.isdir(args.val_image_dir)
     if os.path.isfile(args.val_caption_path) and not have_val and rank == 0:
         print(f'note: {args.val_caption_path} is there but {args.val_image_dir} is not; holding out '
               f'{args.val_fraction:.0%} of the training images instead (python resize.py --image_dir '
               f'data/val2014 --output_dir {args.val_image_dir} to use val2014)')
     if cached:
-        train_set = feature_set(args.image_dir, args.caption_path, views, train=True)
+        train_set = feature_set(args, args.image_dir, args.caption_path, views, True, vocab, encoder, spec, device, rank)
     else:
-        train_set = image_set(args.image_dir, args.caption_path, train=True)
+        train_set = image_set(args, args.image_dir, args.caption_path, True, vocab)
     if have_val:
         if args.feature_cache == 'off':
-            val_set = image_set(args.val_image_dir, args.val_caption_path, train=False)
+            val_set = image_set(args, args.val_image_dir, args.val_caption_path, False, vocab)
         else:
-            val_set = feature_set(args.val_image_dir, args.val_caption_path, 1, train=False)
+            val_set = feature_set(args, args.val_image_dir, args.val_caption_path, 1, False, vocab, encoder, spec,
+                                  device, rank)
         return train_set, val_set
 
     # No validation set: hold out every k-th training picture with all its captions. Its
@@ -241,7 +259,7 @@ def make_datasets(args, vocab, encoder, spec, device, rank):
         from feature_cache import FeatureDataset
         val_set = train_set if views == 1 else FeatureDataset(train_set.cache, vocab, seed=args.seed, train=False)
     else:
-        val_set = train_set if deterministic else image_set(args.image_dir, args.caption_path, train=False)
+        val_set = train_set if deterministic else image_set(args, args.image_dir, args.caption_path, False, vocab)
     image_ids = sorted(set(train_set.item_image_ids()))
     val_ids = set(image_ids[::max(1, round(1 / args.val_fraction))])
     val_idx, train_idx = held_out(train_set, val_ids)
@@ -257,11 +275,140 @@ def amp_dtype(args):
     return {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops at a
+    batch boundary and then ends them; a worker that died of the signal would end the run
+    with an error before that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loaders(args, train_set, val_set, world_size, rank, device):
+    """(train sampler, validation loader, loader keyword arguments for each epoch's loader).
+
+    DistributedSampler also serves one process: its order is a function of (seed, epoch)
+    alone, which is what lets a resumed run see exactly the batches it would have seen."""
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    val_sampler = DistributedSampler(val_set, num_replicas=world_size, rank=rank, shuffle=False)
+    loader_kw = dict(collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == 'cuda',
+                     worker_init_fn=ignore_stop_signals)
+    # the validation loader lives through the run, so its workers can too; the training loader is
+    # made anew each epoch (a resumed epoch starts at its batch), and its workers with it
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler,
+                            persistent_workers=args.num_workers > 0, **loader_kw)
+    return sampler, val_loader, loader_kw
+
+
 # ---------------------------------------------------------------------------
-# Evaluation
+# Model and optimiser
+
+def build_model(args, vocab, device, master):
+    """(encoder, decoder, spec): the frozen ResNet-152 + trainable head, and the decoder."""
+    try:
+        spec = encoder_spec(args.encoder_weights, args.seed)
+        encoder = build_encoder(args.embed_size, spec).to(device)
+    except (FileNotFoundError, ValueError, EncoderWeightsError) as e:
+        fail(PROG, e)
+    if device.type == 'cuda':
+        encoder.resnet.to(memory_format=torch.channels_last)  # NHWC: what tensor cores want
+    if spec['source'] == 'none' and master:
+        print('note: the encoder runs on random weights (--encoder_weights none): captions can only use what '
+              'random convolutional features keep (colour, position, size, count)')
+    decoder = DecoderRNN(args.embed_size, args.hidden_size, len(vocab), args.num_layers,
+                         args.max_seq_length).to(device)
+    return encoder, decoder, spec
+
+
+def make_optimizer(args, encoder, decoder, device):
+    """Adam over what learns, the decoder and the encoder's linear and bn (the tutorial's
+    choice), and the fp16 gradient scaler (a no-op otherwise)."""
+    params = list(decoder.parameters()) + list(encoder.linear.parameters()) + list(encoder.bn.parameters())
+    # fused: one kernel for all parameters instead of a few small ones per parameter
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=device.type in ('cpu', 'cuda'))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    return optimizer, scaler
+
+
+# ---------------------------------------------------------------------------
+# Stopping: Ctrl-C and SIGTERM (a cluster's preemption)
+
+class StopSignals:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt at once while the run is set up (the model
+    built, the feature cache filled). During training the first one is only recorded, and
+    the loop stops at the next batch boundary: a batch cut in half would have updated the
+    BatchNorm statistics, or the weights, that its redoing on resume updates again. A second
+    one stops at once, without saving."""
+
+    def __init__(self):
+        self.requested, self.deferring = False, False
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum, frame):
+        if self.deferring and not self.requested:
+            self.requested = True
+            return
+        raise KeyboardInterrupt
+
+    def stop_now(self, device):
+        """True when any process got a signal (all of them stop at the same batch)."""
+        if dist.is_initialized():
+            self.requested = all_sum(float(self.requested), device=device)[0] > 0
+        return self.requested
+
+
+# ---------------------------------------------------------------------------
+# One epoch, validation
+
+def train_one_epoch(ddp, loader, optimizer, scaler, progress, args, device, stop, master):
+    """Train on the loader's batches, from batch progress.step of progress.epoch on (progress.step
+    counts the batches done). Returns why it ended: 'done' (the epoch), 'limit' (--dry_run,
+    --max_steps) or 'stop' (Ctrl-C or SIGTERM, at a batch boundary)."""
+    criterion = nn.CrossEntropyLoss()
+    epoch, total_step = progress.epoch, len(loader.batch_sampler)
+    bar = tqdm(total=total_step, initial=progress.step, desc=f'epoch {epoch}/{args.num_epochs}',
+               disable=not master or None, leave=False, dynamic_ncols=True)
+    tic, tic_position = time.time(), progress.step
+    for step, (inputs, captions, lengths) in enumerate(loader, start=progress.step):
+        inputs = inputs.to(device, non_blocking=True)
+        if inputs.dim() == 4 and device.type == 'cuda':
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        captions = captions.to(device, non_blocking=True)
+        targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+        with torch.autocast(device.type, dtype=amp_dtype(args), enabled=args.amp != 'off'):
+            loss = criterion(ddp(inputs, captions, lengths).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        progress.step, progress.global_step = step + 1, progress.global_step + 1
+        bar.update(1)
+
+        if step % args.log_step == 0:  # the only host sync of a step: .item()
+            loss_value = loss.item()
+            rate = (progress.step - tic_position) / (time.time() - tic)
+            ppl = float(np.exp(loss_value))
+            bar.set_postfix(loss=f'{loss_value:.4f}', ppl=f'{ppl:.2f}', steps_per_s=f'{rate:.2f}')
+            if master:
+                tqdm.write('Epoch [{}/{}], Step [{}/{}], Loss: {:.4f}, Perplexity: {:5.4f}'.format(
+                    epoch, args.num_epochs, step, total_step, loss_value, ppl))
+            progress.history.append({'split': 'train', 'epoch': epoch, 'step': step,
+                                     'global_step': progress.global_step, 'loss': loss_value, 'perplexity': ppl,
+                                     'steps_per_sec': rate, 'time': time.time()})
+        if progress.step % args.save_step == 0 and master:
+            save(progress.latest, progress.checkpoint())
+        if stop.stop_now(device):
+            bar.close()
+            return 'stop'
+        if args.dry_run or progress.global_step == args.max_steps:
+            bar.close()
+            return 'limit'
+    bar.close()
+    return 'done'
+
 
 @torch.no_grad()
-def evaluate(model, loader, device, args):
+def validate(model, loader, device, args):
     """Mean cross-entropy per predicted token over the validation captions, and its exp."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction='sum')
@@ -296,8 +443,69 @@ def recalibrate_bn(model, loader, device, num_batches):
     bn.momentum = momentum
 
 
+@torch.no_grad()
+def select_score(args, model, val_set, vocab, device, val_loss):
+    """The number best.pt maximises: minus the validation loss, or a caption score (0-100)
+    of greedy captions for the first --select_subset validation pictures."""
+    if args.select_by == 'loss':
+        return -val_loss
+    import metrics
+    base, indices = (val_set.dataset, val_set.indices) if isinstance(val_set, Subset) else (val_set, range(len(val_set)))
+    item_images, first = base.item_image_ids(), {}
+    for i in indices:  # one item per picture: its first caption's
+        first.setdefault(item_images[i], i)
+    image_ids = sorted(first)[:args.select_subset]
+    coco = base.coco if isinstance(base, CocoDataset) else base.cache.coco
+    references = {i: [a['caption'] for a in coco.imgToAnns[i]] for i in image_ids}
+    model.eval()
+    captions = []
+    for start in range(0, len(image_ids), args.batch_size):
+        inputs = torch.stack([base[first[i]][0] for i in image_ids[start:start + args.batch_size]]).to(device)
+        ids = model.decoder.generate(encode(model.encoder, inputs))
+        captions += [vocab.decode(c, markers=False) for c in ids]
+    model.train()
+    score = metrics.bleu4 if args.select_by == 'bleu4' else metrics.cider_d
+    return score(references, dict(zip(image_ids, captions)))
+
+
 # ---------------------------------------------------------------------------
-# Checkpoints and logs
+# Progress, checkpoints and logs
+
+class Progress:
+    """Where the run is, and what a checkpoint of it holds.
+
+    epoch: the epoch being trained; step: how many of its batches are done; global_step:
+    batches done in all; best: the best validation so far ({'score', 'val_loss', 'epoch',
+    'global_step'}) or None; history: the rows of train_log.csv."""
+
+    def __init__(self, args, model, optimizer, scaler, vocab, spec):
+        self.args, self.model, self.optimizer, self.scaler, self.vocab, self.spec = \
+            args, model, optimizer, scaler, vocab, spec
+        self.epoch, self.step, self.global_step, self.best, self.history = 0, 0, 0, None, []
+        self.latest = os.path.join(args.model_path, 'latest.pt')
+        self.best_path = os.path.join(args.model_path, 'best.pt')
+        self.fingerprint = model.encoder.fingerprint()  # once: the ResNet is frozen
+
+    def checkpoint(self):
+        """Everything to continue from the batch after `step` of `epoch`: a dict of plain objects."""
+        encoder, decoder = self.model.encoder, self.model.decoder
+        return {'encoder': encoder_state(encoder), 'decoder': decoder.state_dict(),
+                'optimizer': self.optimizer.state_dict(), 'scaler': self.scaler.state_dict(),
+                'epoch': self.epoch, 'step': self.step, 'global_step': self.global_step, 'best': self.best,
+                'best_val_loss': self.best['val_loss'] if self.best else None,
+                'history': self.history, 'rng': rng_state(), 'vocab': self.vocab.words(), 'args': vars(self.args),
+                'encoder_weights': self.spec, 'encoder_fingerprint': self.fingerprint}
+
+    def restore(self, ckpt):
+        """Put the model, optimiser, scaler, position and random streams back as `ckpt` has them."""
+        self.model.encoder.load_state_dict(ckpt['encoder'], strict=False)
+        self.model.decoder.load_state_dict(ckpt['decoder'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.scaler.load_state_dict(ckpt['scaler'])
+        self.epoch, self.step, self.global_step = ckpt['epoch'], ckpt['step'], ckpt['global_step']
+        self.best, self.history = ckpt['best'], ckpt['history']
+        set_rng_state(ckpt['rng'])
+
 
 def rng_state():
     """Every random stream a step reads, as plain objects (weights_only-loadable)."""
@@ -309,12 +517,37 @@ def rng_state():
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
+    torch.set_rng_state(state['torch'].cpu())
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
     np_state = state['numpy']
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+
+
+def cannot_write(path, e):
+    """Stop with one line: the file that could not be written, and what is still on disk."""
+    reason = e.strerror or str(e) if isinstance(e, OSError) else str(e)
+    kept = (f'the previous {path} is intact' if os.path.exists(path) else 'nothing was saved under that name')
+    fail(PROG, f'cannot write {path} ({reason}); {kept}. Free some space (or pass another --model_path) and '
+               f'continue with --resume {path if path.endswith(".pt") and os.path.exists(path) else "models/latest.pt"}')
+
+
+def save(path, ckpt):
+    """Write a checkpoint atomically; a full disk stops the run with one line."""
+    try:
+        save_checkpoint(ckpt, path)
+    except OSError as e:
+        cannot_write(path, e)
+
+
+def copy_file(source, path):
+    """Copy through utils.atomic_write: `path` is the old file or the whole new one."""
+    try:
+        with open(source, 'rb') as f, atomic_write(path) as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+    except OSError as e:
+        cannot_write(path, e)
 
 
 def write_plot(history, path):
@@ -332,20 +565,166 @@ def write_plot(history, path):
         ax.set_yscale('log' if key == 'perplexity' else 'linear')
         ax.legend()
     fig.tight_layout()
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path, fsync=False) as f:
+            fig.savefig(f, format='png')
+    except OSError as e:
+        cannot_write(path, e)
+    finally:
+        plt.close(fig)
 
 
 def write_csv(history, path):
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['split', 'epoch', 'step', 'global_step', 'loss', 'perplexity',
-                                               'steps_per_sec', 'time'])
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path, 'w', fsync=False, newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=['split', 'epoch', 'step', 'global_step', 'loss', 'perplexity',
+                                                   'steps_per_sec', 'time'])
+            writer.writeheader()
+            writer.writerows(history)
+    except OSError as e:
+        cannot_write(path, e)
+
+
+def end_of_epoch(model, train_loader, val_loader, val_set, progress, args, device, master, plotted):
+    """Validate, keep the best, save latest.pt (and best.pt), write the logs.
+    Returns the time of the last plot."""
+    if args.recalibrate_bn:
+        recalibrate_bn(model, train_loader, device, args.recalibrate_bn)
+    val_loss, val_ppl = validate(model, val_loader, device, args)
+    score = select_score(args, model, val_set, progress.vocab, device, val_loss)
+    epoch = progress.epoch
+    improved = progress.best is None or score > progress.best['score']
+    if improved:
+        progress.best = {'score': score, 'val_loss': val_loss, 'epoch': epoch, 'global_step': progress.global_step}
+    progress.history.append({'split': 'val', 'epoch': epoch, 'step': progress.step,
+                             'global_step': progress.global_step, 'loss': val_loss, 'perplexity': val_ppl,
+                             'steps_per_sec': '', 'time': time.time()})
+    if progress.step >= len(train_loader.batch_sampler):  # the epoch is done: the next one starts at 0
+        progress.epoch, progress.step = epoch + 1, 0
+    if not master:
+        return plotted
+    extra = f', {args.select_by}: {score:.2f}' if args.select_by != 'loss' else ''
+    print(f'Validation after epoch [{epoch}/{args.num_epochs}]: Loss: {val_loss:.4f}, '
+          f'Perplexity: {val_ppl:5.4f}{extra}{" (best)" if improved else ""}')
+    save(progress.latest, progress.checkpoint())
+    if improved:
+        copy_file(progress.latest, progress.best_path)
+    write_csv(progress.history, os.path.join(args.model_path, 'train_log.csv'))
+    # the plot each epoch, but at most every 30 s: a toy set's epochs take a second
+    last = epoch == args.num_epochs - 1 or args.dry_run or progress.global_step == args.max_steps
+    if last or time.time() - plotted > 30:
+        write_plot(progress.history, os.path.join(args.model_path, 'train_log.png'))
+        plotted = time.time()
+    return plotted
+
+
+# ---------------------------------------------------------------------------
+# Before training: the model folder, the checkpoint to resume
+
+def claim_model_path(model_path):
+    """Make sure --model_path is writable and used by this run alone, and clear what killed
+    runs left there. Returns the lock file, locked until the process ends (the kernel drops
+    the lock of a killed run, so a stale lock file is simply taken over)."""
+    lock_path = os.path.join(model_path, 'train.lock')
+    try:
+        os.makedirs(model_path, exist_ok=True)
+        tempfile.TemporaryFile(dir=model_path).close()  # root ignores permissions, not a read-only disk
+        lock = open(lock_path, 'a+')
+    except OSError as e:
+        fail(PROG, f'cannot write in --model_path {model_path} ({e.strerror or e}): pass a folder you can write to')
+    lock.seek(0)
+    holder = lock.read().strip()
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(PROG, f'--model_path {model_path} is in use by another train.py run (pid {holder or "?"}, '
+                       f'{lock_path}): wait for it to end, or pass another --model_path')
+    if holder.isdigit() and int(holder) != os.getpid() and not pid_alive(int(holder)):
+        print(f'note: {lock_path} was left by train.py pid {holder}, which is no longer running: taken over')
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'{os.getpid()}\n')
+    lock.flush()
+    removed = remove_stale_temporaries(model_path)
+    # the temporary names of train.py versions before utils.atomic_write
+    for pattern in ('latest.pt.*.tmp', 'best.pt.tmp', 'train_log.csv.tmp', 'train_log.png.tmp.png'):
+        for path in glob.glob(os.path.join(model_path, pattern)):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(os.path.basename(path))
+    if removed:
+        print(f'note: removed {len(removed)} temporary file(s) of an interrupted save from {model_path}: '
+              f'{", ".join(sorted(removed))}')
+    return lock
+
+
+def load_resume(args):
+    """The checkpoint --resume names, after taking the model's sizes from it (the weights
+    only fit those); stops with one line when it cannot be resumed from."""
+    try:
+        ckpt = load_ours(args.resume)
+    except (FileNotFoundError, ValueError) as e:
+        fail(PROG, f'--resume: {e}')
+    missing = [k for k in ('optimizer', 'scaler', 'rng', 'history', 'epoch', 'step', 'global_step') if k not in ckpt]
+    if missing:
+        fail(PROG, f'--resume: {args.resume} has no {", ".join(missing)}, which continuing needs: '
+                   f'pass a latest.pt or best.pt that train.py wrote')
+    changed = [f'--{name} {ckpt["args"][name]} (not {getattr(args, name)})' for name in ARCHITECTURE
+               if ckpt['args'].get(name, getattr(args, name)) != getattr(args, name)]
+    for name in ARCHITECTURE:
+        setattr(args, name, ckpt['args'].get(name, getattr(args, name)))
+    if changed:
+        print(f'note: --resume: {args.resume} was trained with {", ".join(changed)}; continuing with its sizes')
+    return ckpt
+
+
+def check_resume(ckpt, args, vocab, encoder):
+    """Refuse a resume that would silently train on other words or another frozen ResNet."""
+    theirs, ours = ckpt['vocab'], vocab.words()
+    if len(theirs) != len(ours):
+        fail(PROG, f'--resume: {args.resume} was trained with a vocabulary of {len(theirs)} words, --vocab_path '
+                   f'{args.vocab_path} has {len(ours)}: pass the vocab.pkl it was trained with')
+    moved = [(w, theirs.index(w), i) for i, w in enumerate(ours) if theirs[i] != w and w in theirs]
+    if theirs != ours:
+        example = (f'{moved[0][0]!r} is {moved[0][1]} there, {moved[0][2]} here' if moved
+                   else f'{ours[next(i for i in range(len(ours)) if theirs[i] != ours[i])]!r} is not in it')
+        fail(PROG, f'--resume: --vocab_path {args.vocab_path} does not give the words the ids {args.resume} was '
+                   f'trained with ({example}): pass the vocab.pkl it was trained with')
+    fingerprint = ckpt.get('encoder_fingerprint')
+    if isinstance(fingerprint, str) and fingerprint != encoder.fingerprint():  # older ones hold a float
+        fail(PROG, f'--resume: {args.resume} was trained on another frozen ResNet ({encoder_id(ckpt["encoder_weights"])}) '
+                   f'than --encoder_weights {args.encoder_weights} gives: pass the --encoder_weights it was trained with')
+
+
+def repair_best(ckpt, progress):
+    """best.pt must be the model the checkpoint calls best. A run killed between writing
+    latest.pt and copying it to best.pt leaves an older best.pt: when the checkpoint resumed
+    from is that best model itself, copy it over."""
+    best = ckpt['best']
+    if not best or best['global_step'] != ckpt['global_step']:
+        return
+    try:
+        current = load_checkpoint(progress.best_path).get('best')
+    except (FileNotFoundError, ValueError):
+        current = None
+    if current != best:
+        copy_file(progress.args.resume, progress.best_path)
+        print(f'note: {progress.best_path} was not the best model {progress.args.resume} records (epoch '
+              f'{best["epoch"]}); copied it there')
+
+
+def seed_everything(seed, device):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    # A random-weight ResNet's activations fall into float32's denormal range, where x86 CPUs
+    # compute many times slower; flushing them to zero changes values by less than 1e-38
+    torch.set_flush_denormal(True)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
 
 
 # ---------------------------------------------------------------------------
@@ -354,210 +733,71 @@ def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = setup_distributed(args)
     master = rank == 0  # only rank 0 prints and writes
-    if master:
-        print(vars(args))
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    # A random-weight ResNet's activations fall into float32's denormal range, where x86 CPUs
-    # compute many times slower; flushing them to zero changes values by less than 1e-38
-    torch.set_flush_denormal(True)
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~8x the FP32 rate on Ampere and later
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
-
+    stop = StopSignals()
     try:
-        vocab = load_vocab(args.vocab_path)
-        spec = encoder_spec(args.encoder_weights, args.seed)
-        encoder = build_encoder(args.embed_size, spec).to(device)
-    except (FileNotFoundError, ValueError, EncoderWeightsError) as e:
-        fail(e)
-    if device.type == 'cuda':
-        encoder.resnet.to(memory_format=torch.channels_last)  # NHWC: what tensor cores want
-    if spec['source'] == 'none' and master:
-        print('note: the encoder runs on random weights (--encoder_weights none): captions can only use what '
-              'random convolutional features keep (colour, position, size, count)')
-    decoder = DecoderRNN(args.embed_size, args.hidden_size, len(vocab), args.num_layers,
-                         args.max_seq_length).to(device)
-
-    try:
-        train_set, val_set = make_datasets(args, vocab, encoder, spec, device, rank)
-    except (OSError, ValueError) as e:  # missing pictures or captions, no room for the feature cache
-        fail(e)
-    model = TrainModel(encoder, decoder).train()
-    ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world_size > 1 else model
-
-    # Only the decoder and the encoder's linear and bn learn (the tutorial's choice)
-    params = list(decoder.parameters()) + list(encoder.linear.parameters()) + list(encoder.bn.parameters())
-    # XXX: not fused=True, though it is ~6x faster on CPU: the fused kernel updates the weights
-    # without bumping their version counters, which my_LSTM's inference cache of concatenated
-    # weights relies on (https://pytorch.org/docs/stable/notes/autograd.html#in-place-correctness-checks)
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    criterion = nn.CrossEntropyLoss()
-
-    start_epoch, start_step, global_step, best, history = 0, 0, 0, None, []
-    if args.resume:
-        try:
-            ckpt = load_checkpoint(args.resume, map_location=device)
-        except (FileNotFoundError, ValueError) as e:
-            fail(f'--resume: {e}')
-        encoder.load_state_dict(ckpt['encoder'], strict=False)
-        decoder.load_state_dict(ckpt['decoder'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        start_epoch, start_step, global_step = ckpt['epoch'], ckpt['step'], ckpt['global_step']
-        best, history = ckpt['best'], ckpt['history']
-        set_rng_state(ckpt['rng'])
         if master:
-            print(f'resumed from {args.resume}: epoch {start_epoch}, step {start_step}')
+            print(vars(args))
+            lock = claim_model_path(args.model_path)  # noqa: F841 -- held until the process ends
+        seed_everything(args.seed, device)
+        resumed = load_resume(args) if args.resume else None  # may set the model's sizes
+        try:
+            vocab = load_vocab(args.vocab_path)
+        except (FileNotFoundError, ValueError) as e:
+            fail(PROG, e)
+        encoder, decoder, spec = build_model(args, vocab, device, master)
+        if resumed:
+            check_resume(resumed, args, vocab, encoder)
+        try:
+            train_set, val_set = make_datasets(args, vocab, encoder, spec, device, rank)
+        except (OSError, ValueError) as e:  # missing pictures or captions, no room for the feature cache
+            fail(PROG, e)
+        model = TrainModel(encoder, decoder).train()
+        ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world_size > 1 else model
+        optimizer, scaler = make_optimizer(args, encoder, decoder, device)
+        progress = Progress(args, model, optimizer, scaler, vocab, spec)
+        if resumed:
+            progress.restore(resumed)
+            if master:
+                repair_best(resumed, progress)
+                print(f'resumed from {args.resume}: epoch {progress.epoch}, step {progress.step}')
+        sampler, val_loader, loader_kw = make_loaders(args, train_set, val_set, world_size, rank, device)
+    except KeyboardInterrupt:
+        print('\ninterrupted before training started: nothing saved', flush=True)
+        sys.exit(130)
 
-    # DistributedSampler also serves one process: its order is a function of (seed, epoch)
-    # alone, which is what lets a resumed run see exactly the batches it would have seen
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    val_sampler = DistributedSampler(val_set, num_replicas=world_size, rank=rank, shuffle=False)
-    loader_kw = dict(collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == 'cuda')
-    # the validation loader lives through the run, so its workers can too; the training loader is
-    # made anew each epoch (a resumed epoch starts at its batch), and its workers with it
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler,
-                            persistent_workers=args.num_workers > 0, **loader_kw)
-    total_step = len(EpochBatchSampler(sampler, args.batch_size))
-    os.makedirs(args.model_path, exist_ok=True)
-    latest = os.path.join(args.model_path, 'latest.pt')
-    fingerprint = encoder.fingerprint()  # once: the ResNet is frozen
-
-    def checkpoint(epoch, step):
-        """Everything to continue from the batch after `step` of `epoch` (rank 0 writes)."""
-        if not master:
-            return
-        save_checkpoint({'encoder': encoder_state(encoder), 'decoder': decoder.state_dict(),
-                         'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                         'epoch': epoch, 'step': step, 'global_step': global_step, 'best': best,
-                         'best_val_loss': best['val_loss'] if best else None,
-                         'history': history, 'rng': rng_state(), 'vocab': vocab.words(), 'args': vars(args),
-                         'encoder_weights': spec, 'encoder_fingerprint': fingerprint}, latest)
-
-    # Ctrl-C and SIGTERM (a cluster's preemption) save latest.pt and leave cleanly
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
-
-    # position: how many batches of the current epoch have been trained on
-    epoch, position, plotted = start_epoch, start_step, 0.0
+    stop.deferring = True
+    plotted = 0.0
     try:
-        for epoch in range(start_epoch, args.num_epochs):
+        for epoch in range(progress.epoch, args.num_epochs):
+            progress.epoch = epoch
             sampler.set_epoch(epoch)
             set_epoch(train_set, epoch)
-            position = start_step if epoch == start_epoch else 0
             # its own generator, so making an iterator never draws from the global random stream
-            loader = DataLoader(train_set, batch_sampler=EpochBatchSampler(sampler, args.batch_size, position),
+            loader = DataLoader(train_set, batch_sampler=EpochBatchSampler(sampler, args.batch_size, progress.step),
                                 generator=torch.Generator().manual_seed(args.seed + epoch), **loader_kw)
-            bar = tqdm(total=total_step, initial=position, desc=f'epoch {epoch}/{args.num_epochs}',
-                       disable=not master or None, leave=False, dynamic_ncols=True)
-            tic, tic_position = time.time(), position
-            for step, (inputs, captions, lengths) in enumerate(loader, start=position):
-                inputs = inputs.to(device, non_blocking=True)
-                if inputs.dim() == 4 and device.type == 'cuda':
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                captions = captions.to(device, non_blocking=True)
-                targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-                with torch.autocast(device.type, dtype=amp_dtype(args), enabled=args.amp != 'off'):
-                    outputs = ddp(inputs, captions, lengths)
-                    loss = criterion(outputs.float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                position, global_step = step + 1, global_step + 1
-                bar.update(1)
-
-                if step % args.log_step == 0:  # the only host sync of a step: .item()
-                    loss_value = loss.item()
-                    rate = (position - tic_position) / (time.time() - tic)
-                    ppl = float(np.exp(loss_value))
-                    bar.set_postfix(loss=f'{loss_value:.4f}', ppl=f'{ppl:.2f}', steps_per_s=f'{rate:.2f}')
-                    if master:
-                        tqdm.write('Epoch [{}/{}], Step [{}/{}], Loss: {:.4f}, Perplexity: {:5.4f}'.format(
-                            epoch, args.num_epochs, step, total_step, loss_value, ppl))
-                    history.append({'split': 'train', 'epoch': epoch, 'step': step, 'global_step': global_step,
-                                    'loss': loss_value, 'perplexity': ppl, 'steps_per_sec': rate,
-                                    'time': time.time()})
-                if position % args.save_step == 0:
-                    checkpoint(epoch, position)
-                if args.dry_run or global_step == args.max_steps:
-                    break
-            bar.close()
-
-            # end of the epoch (or of a short run): validate, keep the best, log
-            if args.recalibrate_bn:
-                recalibrate_bn(model, loader, device, args.recalibrate_bn)
-            val_loss, val_ppl = evaluate(model, val_loader, device, args)
-            score = select_score(args, model, val_set, vocab, device, val_loss)
-            improved = best is None or score > best['score']
-            if improved:
-                best = {'score': score, 'val_loss': val_loss, 'epoch': epoch, 'global_step': global_step}
-            history.append({'split': 'val', 'epoch': epoch, 'step': position, 'global_step': global_step,
-                            'loss': val_loss, 'perplexity': val_ppl, 'steps_per_sec': '', 'time': time.time()})
-            if master:
-                extra = f', {args.select_by}: {score:.2f}' if args.select_by != 'loss' else ''
-                print(f'Validation after epoch [{epoch}/{args.num_epochs}]: Loss: {val_loss:.4f}, '
-                      f'Perplexity: {val_ppl:5.4f}{extra}{" (best)" if improved else ""}')
-            finished = position >= total_step
-            checkpoint(epoch + 1 if finished else epoch, 0 if finished else position)
-            if master:
-                if improved:  # copy, then rename: best.pt is never half-written either
-                    best_path = os.path.join(args.model_path, 'best.pt')
-                    shutil.copyfile(latest, best_path + '.tmp')
-                    os.replace(best_path + '.tmp', best_path)
-                write_csv(history, os.path.join(args.model_path, 'train_log.csv'))
-                # the plot each epoch, but at most every 30 s: a toy set's epochs take a second
-                last = epoch == args.num_epochs - 1 or args.dry_run or global_step == args.max_steps
-                if last or time.time() - plotted > 30:
-                    write_plot(history, os.path.join(args.model_path, 'train_log.png'))
-                    plotted = time.time()
-            if args.dry_run or global_step == args.max_steps:
+            ended = train_one_epoch(ddp, loader, optimizer, scaler, progress, args, device, stop, master)
+            if ended == 'stop':
                 break
-    except KeyboardInterrupt:
-        # a batch in flight is redone on resume; finished ones are not
-        checkpoint(epoch, position)
+            plotted = end_of_epoch(model, loader, val_loader, val_set, progress, args, device, master, plotted)
+            if ended == 'limit' or stop.stop_now(device):
+                break
+    except KeyboardInterrupt:  # a second signal: the model may be half-way through a step
         if master:
-            print(f'\ninterrupted: saved {latest} at epoch {epoch}, step {position}; '
-                  f'continue with --resume {latest}')
+            print(f'\ninterrupted again: stopped without saving; {progress.latest} holds the last save', flush=True)
+        sys.exit(130)
+    if stop.requested:
+        if master:
+            save(progress.latest, progress.checkpoint())
+            print(f'\ninterrupted: saved {progress.latest} at epoch {progress.epoch}, step {progress.step}; '
+                  f'continue with --resume {progress.latest}', flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(130)
     if master:
-        print(f'saved {latest} and {os.path.join(args.model_path, "best.pt")}')
+        print(f'saved {progress.latest} and {progress.best_path}')
     if dist.is_initialized():
         dist.destroy_process_group()
     return model
-
-
-@torch.no_grad()
-def select_score(args, model, val_set, vocab, device, val_loss):
-    """The number best.pt maximises: minus the validation loss, or a caption score (0-100)
-    of greedy captions for the first --select_subset validation pictures."""
-    if args.select_by == 'loss':
-        return -val_loss
-    import metrics
-    from evaluate import caption_features  # only runs with --select_by bleu4/cider
-    base, indices = (val_set.dataset, val_set.indices) if isinstance(val_set, Subset) else (val_set, range(len(val_set)))
-    item_images, first = base.item_image_ids(), {}
-    for i in indices:  # one item per picture: its first caption's
-        first.setdefault(item_images[i], i)
-    image_ids = sorted(first)[:args.select_subset]
-    coco = base.coco if isinstance(base, CocoDataset) else base.cache.coco
-    references = {i: [a['caption'] for a in coco.imgToAnns[i]] for i in image_ids}
-    model.eval()
-    captions = []
-    for start in range(0, len(image_ids), args.batch_size):
-        inputs = torch.stack([base[first[i]][0] for i in image_ids[start:start + args.batch_size]]).to(device)
-        features = encode(model.encoder, inputs)
-        captions += caption_features(model.decoder, features, vocab)
-    model.train()
-    score = metrics.bleu4 if args.select_by == 'bleu4' else metrics.cider_d
-    return score(references, dict(zip(image_ids, captions)))
 
 
 if __name__ == '__main__':
