@@ -374,7 +374,8 @@ class my_LSTM(nn.Module):
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
         if autocast:  # as autocast runs nn.LSTM: input and states in the autocast dtype
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, h0, c0 = x.to(dtype), [h if h is None else h.to(dtype) for h in h0], [c if c is None else c.to(dtype) for c in c0]
+            x = x.to(dtype)
+            h0, c0 = ([s if s is None else s.to(dtype) for s in states] for states in (h0, c0))
         # 3. the stack: layer by layer, each direction with its own cell
         layer_fn = fused_lstm.lstm_layer if self.fused else lstm_layer
         reverse = _reversed_rows(batch_sizes, x.device) if D == 2 else None

@@ -6,7 +6,6 @@ on both paths (fused=True: fused_lstm.py; fused=False: DIY_LSTM's cell step by s
 import doctest
 import io
 import itertools
-import warnings
 
 import pytest
 import torch
