@@ -679,8 +679,8 @@ def load_resume(args):
     return ckpt
 
 
-def check_resume(ckpt, args, vocab, encoder):
-    """Refuse a resume that would silently train on other words or another frozen ResNet."""
+def check_resume_vocab(ckpt, args, vocab):
+    """Refuse a resume that would silently train on other words, or the same words under other ids."""
     theirs, ours = ckpt['vocab'], vocab.words()
     if len(theirs) != len(ours):
         fail(PROG, f'--resume: {args.resume} was trained with a vocabulary of {len(theirs)} words, --vocab_path '
@@ -691,6 +691,10 @@ def check_resume(ckpt, args, vocab, encoder):
                    else f'{ours[next(i for i in range(len(ours)) if theirs[i] != ours[i])]!r} is not in it')
         fail(PROG, f'--resume: --vocab_path {args.vocab_path} does not give the words the ids {args.resume} was '
                    f'trained with ({example}): pass the vocab.pkl it was trained with')
+
+
+def check_resume_encoder(ckpt, args, encoder):
+    """Refuse a resume on another frozen ResNet than the checkpoint's training had."""
     fingerprint = ckpt.get('encoder_fingerprint')
     if isinstance(fingerprint, str) and fingerprint != encoder.fingerprint():  # older ones hold a float
         fail(PROG, f'--resume: {args.resume} was trained on another frozen ResNet ({encoder_id(ckpt["encoder_weights"])}) '
@@ -744,9 +748,11 @@ def main(argv=None):
             vocab = load_vocab(args.vocab_path)
         except (FileNotFoundError, ValueError) as e:
             fail(PROG, e)
+        if resumed:
+            check_resume_vocab(resumed, args, vocab)
         encoder, decoder, spec = build_model(args, vocab, device, master)
         if resumed:
-            check_resume(resumed, args, vocab, encoder)
+            check_resume_encoder(resumed, args, encoder)
         try:
             train_set, val_set = make_datasets(args, vocab, encoder, spec, device, rank)
         except (OSError, ValueError) as e:  # missing pictures or captions, no room for the feature cache

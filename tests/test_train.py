@@ -1,6 +1,7 @@
 """train.py: the lab's output, checkpoints, exact resume, crashes, Ctrl-C, and two processes."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,3 +154,216 @@ def test_amp_bf16_step(tiny_coco, tiny_vocab, tmp_path):
     loss = float(LAB_LINE.findall(out)[0][4])
     assert 0 < loss < 20
     assert load_checkpoint(tmp_path / 'latest.pt')['global_step'] == 1
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, exit code 2, no traceback
+
+@pytest.mark.parametrize('flag, value, says', [
+    ('--num_workers', -1, '--num_workers must be 0 or more'),
+    ('--learning_rate', -0.1, '--learning_rate must be a positive number'),
+    ('--learning_rate', 0, '--learning_rate must be a positive number'),
+    ('--num_layers', 0, '--num_layers must be at least 1'),
+    ('--embed_size', 0, '--embed_size must be at least 1'),
+    ('--hidden_size', 0, '--hidden_size must be at least 1'),
+    ('--max_steps', -1, '--max_steps must be 0 or more'),
+    ('--recalibrate_bn', -2, '--recalibrate_bn must be 0 or more'),
+])
+def test_bad_flags_are_refused_by_the_parser(flag, value, says, capsys):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.get_args([flag, str(value)])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def one_line_exit_2(proc, *parts):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for part in parts:
+        assert part in proc.stderr, proc.stderr
+    return proc.stderr.strip()
+
+
+def test_bad_flag_through_the_command_line(tiny_coco, tiny_vocab, tmp_path):
+    proc = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path), '--num_workers', -1, check=False)
+    assert proc.returncode == 2 and '--num_workers must be 0 or more, got -1' in proc.stderr
+
+
+def test_broken_or_foreign_resume_is_one_line(tiny_coco, tiny_vocab, tmp_path):
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    (tmp_path / 'cut.pt').write_bytes(b'PK\x03\x04' + b'\0' * 100)  # a zip cut short, as a killed copy leaves
+    torch.save(torch.nn.Linear(2, 3).state_dict(), tmp_path / 'plain.pt')
+    for name, says in (('empty.pt', 'is not a loadable checkpoint'), ('cut.pt', 'is not a loadable checkpoint'),
+                       ('plain.pt', 'is not a checkpoint of train.py')):
+        proc = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path / 'models'), '--resume', tmp_path / name,
+                   check=False)
+        one_line_exit_2(proc, f'--resume: {tmp_path / name}', says)
+
+
+@pytest.fixture(scope='module')
+def one_step(tiny_coco, tiny_vocab, tmp_path_factory):
+    """models/ after a --dry_run (one step, latest.pt and best.pt)."""
+    models = tmp_path_factory.mktemp('one_step')
+    run('train.py', *train_args(tiny_coco, tiny_vocab, models, '--dry_run', '--batch_size', 4))
+    return models
+
+
+def test_resume_takes_the_sizes_from_the_checkpoint(tiny_coco, tiny_vocab, one_step, tmp_path):
+    shutil.copytree(one_step, tmp_path, dirs_exist_ok=True)
+    proc = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, '--dry_run', '--batch_size', 4,
+                                       '--hidden_size', 64, '--num_layers', 2, '--resume', tmp_path / 'latest.pt'))
+    assert (f'note: --resume: {tmp_path / "latest.pt"} was trained with --hidden_size 32 (not 64), '
+            f'--num_layers 1 (not 2); continuing with its sizes') in proc.stdout
+    assert load_checkpoint(tmp_path / 'latest.pt')['decoder']['linear.weight'].shape[1] == 32
+
+
+def test_resume_refuses_another_vocabulary(tiny_coco, tiny_vocab, one_step, tmp_path):
+    from vocab import Vocabulary, load_vocab, save_vocab
+    words = load_vocab(tiny_vocab).words()
+    save_vocab(Vocabulary.from_words(words[:4] + words[5:] + words[4:5]), tmp_path / 'permuted.pkl')
+    save_vocab(Vocabulary.from_words(words + ['zebra']), tmp_path / 'bigger.pkl')
+    args = train_args(tiny_coco, tiny_vocab, tmp_path / 'models', '--resume', one_step / 'latest.pt')
+    proc = run('train.py', *args, '--vocab_path', tmp_path / 'permuted.pkl', check=False)
+    one_line_exit_2(proc, 'does not give the words the ids', f'{words[5]!r} is 5 there, 4 here',
+                    'pass the vocab.pkl it was trained with')
+    proc = run('train.py', *args, '--vocab_path', tmp_path / 'bigger.pkl', check=False)
+    one_line_exit_2(proc, f'a vocabulary of {len(words)} words', f'has {len(words) + 1}')
+    assert not os.path.exists(tmp_path / 'models' / 'latest.pt')
+
+
+def test_a_bad_caption_file_is_one_line(tiny_coco, tiny_vocab, tmp_path):
+    (tmp_path / 'list.json').write_text('[]')
+    proc = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path / 'models'), '--caption_path',
+               tmp_path / 'list.json', check=False)
+    one_line_exit_2(proc, 'list.json')
+    assert not os.path.exists(tmp_path / 'models' / 'latest.pt')
+
+
+# ---------------------------------------------------------------------------
+# Faults: keep running where possible, stop with one line where not, never lose a checkpoint
+
+def test_two_runs_into_one_model_path(tiny_coco, tiny_vocab, tmp_path):
+    first = _popen_train(train_args(tiny_coco, tiny_vocab, tmp_path, '--num_epochs', 50, '--batch_size', 4,
+                                    '--log_step', 1))
+    try:
+        _read_until(first, LAB_LINE.pattern, 1)
+        proc = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, '--dry_run'), check=False)
+        one_line_exit_2(proc, f'--model_path {tmp_path} is in use by another train.py run (pid {first.pid}')
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=300)
+    assert first.returncode == 130
+
+
+def test_stale_lock_and_temporaries_are_taken_over(tiny_coco, tiny_vocab, tmp_path):
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()  # a pid no process has now
+    (tmp_path / 'train.lock').write_text(f'{dead.pid}\n')
+    for name in (f'.latest.pt.{dead.pid}.tmp', 'latest.pt.k2j3h4.tmp', 'best.pt.tmp'):
+        (tmp_path / name).write_bytes(b'half a checkpoint')
+    out = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, '--dry_run', '--batch_size', 4)).stdout
+    assert f'was left by train.py pid {dead.pid}, which is no longer running: taken over' in out
+    assert 'removed 3 temporary file(s) of an interrupted save' in out
+    assert sorted(os.listdir(tmp_path)) == ['best.pt', 'latest.pt', 'train.lock', 'train_log.csv', 'train_log.png']
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ('latest.pt', 'best.pt', 'train_log.csv')}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a small tmpfs of its own (needs root); returns a function that mounts it."""
+    folder = tmp_path / 'disk'
+    folder.mkdir()
+    mounted = []
+    def mount(kib, options=''):
+        proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={kib}k{options}', 'tmpfs', str(folder)],
+                              capture_output=True)
+        if proc.returncode:
+            pytest.skip(f'cannot mount a tmpfs here: {proc.stderr.decode().strip()}')
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in mounted:
+        subprocess.run(['umount', str(folder)])
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tiny_coco, tiny_vocab, one_step, small_disk):
+    from utils import file_sha256
+    need = sum(os.path.getsize(one_step / n) for n in os.listdir(one_step))
+    disk = small_disk(need // 1024 + 64)  # room for what is there, not for a second latest.pt beside it
+    for name in os.listdir(one_step):
+        shutil.copy(one_step / name, disk / name)
+    before = file_sha256(disk / 'latest.pt')
+    proc = run('train.py', *train_args(tiny_coco, tiny_vocab, disk, '--batch_size', 4, '--num_epochs', 1,
+                                       '--resume', disk / 'latest.pt'), check=False)
+    line = one_line_exit_2(proc, f'cannot write {disk / "latest.pt"}', f'the previous {disk / "latest.pt"} is intact',
+                           f'--resume {disk / "latest.pt"}')
+    assert 'is the disk full' in line or 'No space left on device' in line
+    assert file_sha256(disk / 'latest.pt') == before and load_checkpoint(disk / 'latest.pt')['global_step'] == 1
+    assert not [n for n in os.listdir(disk) if n.endswith('.tmp')], 'no temporary file is left'
+
+
+def test_read_only_model_path_is_refused_before_training(tiny_coco, tiny_vocab, tmp_path, small_disk):
+    if os.geteuid() == 0:
+        folder = small_disk(64, ',ro')
+    else:
+        folder = tmp_path / 'ro'
+        folder.mkdir(mode=0o555)
+    proc = run('train.py', *train_args(tiny_coco, tiny_vocab, folder), check=False)
+    one_line_exit_2(proc, f'cannot write in --model_path {folder}', 'pass a folder you can write to')
+    assert 'Epoch [' not in proc.stdout, 'refused before training'
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_setting_up_exits_130(tiny_coco, tiny_vocab, tmp_path, signum):
+    proc = _popen_train(train_args(tiny_coco, tiny_vocab, tmp_path, '--augment', 'none'))
+    assert proc.stdout.readline().startswith('{')  # its arguments: the model is built next
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and 'Traceback' not in stderr, stderr
+    assert 'interrupted' in stdout
+    features = tiny_coco[0] + '/../features'
+    assert not [n for n in os.listdir(features) if n.endswith('.partial')] if os.path.isdir(features) else True
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tiny_coco, tiny_vocab, tmp_path_factory):
+    models = tmp_path_factory.mktemp('uninterrupted')
+    run('train.py', *train_args(tiny_coco, tiny_vocab, models, '--num_epochs', 2, '--batch_size', 4))
+    return load_checkpoint(models / 'latest.pt')
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_epoch_then_resume_is_exact(tiny_coco, tiny_vocab, tmp_path, uninterrupted, signum):
+    """The signal lands inside a step (the ResNet's forward is most of one): the run stops after
+    that step, and the resumed run ends bit-identical to one never stopped."""
+    args = train_args(tiny_coco, tiny_vocab, tmp_path, '--num_epochs', 2, '--batch_size', 4, '--log_step', 1)
+    proc = _popen_train(args)
+    _read_until(proc, LAB_LINE.pattern, 3)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and 'interrupted: saved' in stdout and 'Traceback' not in stderr
+    run('train.py', *args, '--resume', tmp_path / 'latest.pt')
+    resumed = load_checkpoint(tmp_path / 'latest.pt')
+    assert resumed['global_step'] == uninterrupted['global_step']
+    for part in ('encoder', 'decoder'):
+        for key in uninterrupted[part]:
+            assert torch.equal(uninterrupted[part][key], resumed[part][key]), f'{part}.{key} differs after resume'
+
+
+def test_best_pt_catches_up_after_a_kill_before_its_copy(tiny_coco, tiny_vocab, tmp_path):
+    """SIGKILL between latest.pt and its best.pt copy leaves an older best.pt: the resume repairs it."""
+    common = ['--batch_size', 4, '--learning_rate', 0.01]
+    run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, *common, '--num_epochs', 1))
+    shutil.copy(tmp_path / 'best.pt', tmp_path / 'older.pt')
+    run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, *common, '--num_epochs', 2,
+                                '--resume', tmp_path / 'latest.pt'))
+    latest = load_checkpoint(tmp_path / 'latest.pt')
+    assert latest['best']['global_step'] == latest['global_step'], 'epoch 1 is the best (else nothing to repair)'
+    os.replace(tmp_path / 'older.pt', tmp_path / 'best.pt')  # as if killed before the copy
+    out = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, *common, '--num_epochs', 2,
+                                      '--resume', tmp_path / 'latest.pt')).stdout
+    assert f'note: {tmp_path / "best.pt"} was not the best model' in out
+    assert load_checkpoint(tmp_path / 'best.pt')['best'] == latest['best']
