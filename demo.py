@@ -9,13 +9,18 @@ It runs the lab's own scripts with other flags, exactly as a COCO run would:
      COCO captions)                                    cached once)  ROUGE-L, CIDEr)  written to --output)
 
 and ends with a check that the captions come from the pictures: BLEU-4 of the held-out
-captions against BLEU-4 of the same model fed the wrong pictures (features shuffled).
+captions against BLEU-4 of the same model fed the wrong pictures (features shuffled),
+then the time each stage took.
 It uses the ImageNet ResNet-152 weights when torch's cache has them (or can download
-them), and otherwise random encoder weights, after saying so.
+them), and otherwise random encoder weights, after saying so. Where the CPU computes
+bfloat16 natively (Intel AMX or AVX512-BF16), train.py runs under bf16 autocast, its
+feature cache included: most of the demo's time is the frozen ResNet's one pass over
+the pictures, and bf16 is several times faster there (--amp off: float32).
 """
 import argparse
+import contextlib
+import json
 import os
-import sys
 import time
 
 import torch
@@ -27,8 +32,7 @@ import metrics
 import resize
 import train
 from checkpoint import EncoderWeightsError, encoder_id, encoder_spec, ensure_imagenet_weights, load_captioner
-from feature_cache import FeatureCache
-from evaluate import caption_features
+from feature_cache import FeatureCache, native_bf16
 from sample import draw_caption
 from vocab import tokenize
 
@@ -46,18 +50,23 @@ def get_args(argv=None):
     parser.add_argument('--model_path', type=str, default='models/shapes', help='checkpoints and logs')
     parser.add_argument('--encoder_weights', type=str, default='auto',
                         help="'auto' (ImageNet if available, else random), 'imagenet', 'none' or a path")
-    parser.add_argument('--embed_size', type=int, default=256)
-    parser.add_argument('--hidden_size', type=int, default=512)
-    parser.add_argument('--num_epochs', type=int, default=6)
-    parser.add_argument('--batch_size', type=int, default=64)
-    parser.add_argument('--learning_rate', type=float, default=0.002)
-    parser.add_argument('--num_workers', type=int, default=2)
+    parser.add_argument('--embed_size', type=int, default=256, help='dimension of word embedding vectors')
+    parser.add_argument('--hidden_size', type=int, default=512, help='dimension of lstm hidden states')
+    parser.add_argument('--num_epochs', type=int, default=6, help='passes over the training captions')
+    parser.add_argument('--batch_size', type=int, default=64, help='captions per step, and crops per ResNet pass')
+    parser.add_argument('--learning_rate', type=float, default=0.002, help="Adam's step size")
+    parser.add_argument('--num_workers', type=int, default=2, help='resize.py processes')
+    parser.add_argument('--amp', type=str, default='auto', choices=['auto', 'bf16', 'off'],
+                        help="train.py's autocast, its feature cache included; auto: bf16 where the device "
+                             "computes it natively (CPUs with AMX or AVX512-BF16, CUDA GPUs from Ampere on), "
+                             "else off (float32)")
     # output
     parser.add_argument('--output', type=str, default='demo_out', help='captioned held-out pictures go here')
     parser.add_argument('--examples', type=int, default=6, help='held-out pictures printed and drawn')
     parser.add_argument('--beam_size', type=int, default=3, help='beam width for evaluation and examples')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', type=int, default=0, help='seeds the pictures, the random encoder and training')
+    parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help="'cpu', 'cuda', 'cuda:1', 'mps'")
     return parser.parse_args(argv)
 
 
@@ -79,6 +88,59 @@ def choose_weights(choice):
         return 'none'
 
 
+def choose_amp(choice, device):
+    """'auto' -> 'bf16' where `device` computes bfloat16 natively, else 'off'."""
+    if choice != 'auto':
+        return choice
+    return 'bf16' if native_bf16(device) else 'off'
+
+
+class Stages:
+    """Wall-clock seconds of each stage, printed as a table at the end::
+
+        stages = Stages()
+        with stages('train.py'):
+            ...
+        stages.part('train.py', 'feature cache', 12.3, rest='epochs')  # a part it timed itself
+        print(stages.table())
+    """
+
+    def __init__(self):
+        self.rows, self.parts, self.rest = [], {}, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.rows.append((name, time.perf_counter() - tic))
+
+    def part(self, stage, name, seconds, rest='the rest'):
+        self.parts.setdefault(stage, []).append((name, seconds))
+        self.rest[stage] = rest
+
+    def table(self):
+        lines = [f'{"stage":<44}{"seconds":>8}']
+        for name, seconds in self.rows:
+            lines.append(f'{name:<44}{seconds:>8.1f}')
+            parts = self.parts.get(name, [])
+            rest = [(self.rest.get(name), seconds - sum(t for _, t in parts))] if parts else []
+            for part, part_seconds in parts + rest:
+                lines.append(f'    {part:<40}{part_seconds:>8.1f}')
+        lines.append(f'{"total":<44}{sum(t for _, t in self.rows):>8.1f}')
+        return '\n'.join(lines)
+
+
+def build_seconds(cache, encoder, since):
+    """Seconds the cache's ResNet pass took, if it was built after `since` (a time.time());
+    else 0 (it was read from disk)."""
+    if cache.load(encoder) is None or os.path.getmtime(cache.meta_path) < since:
+        return 0.0
+    with open(cache.meta_path) as f:
+        return json.load(f)['build_seconds']
+
+
 def shuffled(n, seed):
     """A permutation with no fixed point: every picture gets another picture's features."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -90,9 +152,10 @@ def shuffled(n, seed):
 def main(argv=None):
     args = get_args(argv)
     print(vars(args))
-    start = time.time()
+    start, stages = time.time(), Stages()
     data, seed = args.data_dir, str(args.seed)
     weights = choose_weights(args.encoder_weights)
+    amp = choose_amp(args.amp, args.device)
     images, annotations = os.path.join(data, 'images'), os.path.join(data, 'annotations')
     resized = os.path.join(data, f'resized{args.image_size}')
     vocab_path = os.path.join(data, 'vocab.pkl')
@@ -100,70 +163,90 @@ def main(argv=None):
     val_json = os.path.join(annotations, 'captions_val.json')
 
     banner('1/6 make_shapes.py: the built-in caption set')
-    make_shapes.main(['--output_dir', data, '--num_train', str(args.num_train), '--num_val', str(args.num_val),
-                      '--image_size', str(args.image_size), '--seed', seed])
+    with stages('1 make_shapes.py'):
+        make_shapes.main(['--output_dir', data, '--num_train', str(args.num_train), '--num_val', str(args.num_val),
+                          '--image_size', str(args.image_size), '--seed', seed])
     banner('2/6 build_vocab.py')
-    build_vocab.main(['--caption_path', train_json, '--vocab_path', vocab_path, '--threshold', '1'])
+    with stages('2 build_vocab.py'):
+        build_vocab.main(['--caption_path', train_json, '--vocab_path', vocab_path, '--threshold', '1'])
     banner('3/6 resize.py: train and val pictures')
-    for split in ('train', 'val'):
-        resize.main(['--image_dir', os.path.join(images, split), '--output_dir', os.path.join(resized, split),
-                     '--image_size', str(args.image_size), '--num_workers', str(args.num_workers)])
+    with stages('3 resize.py'):
+        for split in ('train', 'val'):
+            resize.main(['--image_dir', os.path.join(images, split), '--output_dir', os.path.join(resized, split),
+                         '--image_size', str(args.image_size), '--num_workers', str(args.num_workers)])
 
     banner('4/6 train.py')
+    trained = time.time()
     # --augment none: centre crops, so the frozen ResNet runs once per picture (feature cache).
     # --recalibrate_bn: a run this short leaves the encoder's BatchNorm statistics (momentum
     # 0.01) unsettled, so evaluation re-estimates them first; a COCO run never needs this.
-    train.main(['--image_dir', os.path.join(resized, 'train'), '--caption_path', train_json,
-                '--val_image_dir', os.path.join(resized, 'val'), '--val_caption_path', val_json,
-                '--vocab_path', vocab_path, '--model_path', args.model_path, '--encoder_weights', weights,
-                '--image_size', str(args.image_size), '--crop_size', str(args.crop_size),
-                '--embed_size', str(args.embed_size), '--hidden_size', str(args.hidden_size),
-                '--num_epochs', str(args.num_epochs), '--batch_size', str(args.batch_size),
-                # features come from a memory-mapped file: worker processes would only add start-up time
-                '--learning_rate', str(args.learning_rate), '--num_workers', '0',
-                '--log_step', '25', '--augment', 'none', '--recalibrate_bn', '50',
-                '--seed', seed, '--device', args.device])
+    with stages('4 train.py'):
+        train.main(['--image_dir', os.path.join(resized, 'train'), '--caption_path', train_json,
+                    '--val_image_dir', os.path.join(resized, 'val'), '--val_caption_path', val_json,
+                    '--vocab_path', vocab_path, '--model_path', args.model_path, '--encoder_weights', weights,
+                    '--image_size', str(args.image_size), '--crop_size', str(args.crop_size),
+                    '--embed_size', str(args.embed_size), '--hidden_size', str(args.hidden_size),
+                    '--num_epochs', str(args.num_epochs), '--batch_size', str(args.batch_size),
+                    # features come from a memory-mapped file: worker processes would only add start-up time
+                    '--learning_rate', str(args.learning_rate), '--num_workers', '0',
+                    '--log_step', '25', '--augment', 'none', '--recalibrate_bn', '50', '--amp', amp,
+                    '--seed', seed, '--device', args.device])
     best = os.path.join(args.model_path, 'best.pt')
 
     banner('5/6 evaluate.py: COCO caption metrics on the held-out pictures')
-    evaluate.main(['--image_dir', os.path.join(resized, 'val'), '--caption_path', val_json, '--checkpoint', best,
-                   '--beam_size', str(args.beam_size), '--num_workers', '0', '--device', args.device,
-                   '--results_path', os.path.join(args.model_path, 'captions_val_results.json')])
+    with stages('5 evaluate.py'):
+        evaluate.main(['--image_dir', os.path.join(resized, 'val'), '--caption_path', val_json, '--checkpoint', best,
+                       '--beam_size', str(args.beam_size), '--num_workers', '0', '--device', args.device,
+                       '--results_path', os.path.join(args.model_path, 'captions_val_results.json')])
 
     banner('6/6 held-out pictures: the model\'s caption and a reference caption')
-    device = torch.device(args.device)
-    captioner = load_captioner(best, device=device)
-    names, refs = evaluate.load_references(val_json)  # {id: file name}, {id: [captions]}
-    # the ResNet features of the held-out pictures are in train.py's cache already (centre crops)
-    cache = FeatureCache(root=os.path.join(resized, 'val'), json=val_json, crop_size=args.crop_size, views=1,
-                         encoder_id=encoder_id(encoder_spec(weights, args.seed)), seed=args.seed)
-    pooled = torch.tensor(cache.load_or_build(captioner.encoder, device)[0])  # (N, 2048), sorted ids; a copy
-    ids = [i for i in cache.image_ids if i in refs]
-    pooled = pooled[[cache.row[i] for i in ids]]
-    paths = [os.path.join(resized, 'val', names[i]) for i in ids]
-    with torch.no_grad():
-        features = captioner.encoder.project(pooled.to(device))  # (N, E)
-        captions = caption_features(captioner.decoder, features, captioner.vocab, beam_size=args.beam_size)
-        wrong = caption_features(captioner.decoder, features[shuffled(len(ids), args.seed)], captioner.vocab,
-                                 beam_size=args.beam_size)
-    os.makedirs(args.output, exist_ok=True)
-    for i, path, caption in list(zip(ids, paths, captions))[:args.examples]:
-        reference = ' '.join(tokenize(refs[i][0]))
-        print(f'{os.path.basename(path)}\n    model:     {caption}\n    reference: {reference}')
-        draw_caption(path, caption, os.path.join(args.output, os.path.basename(path)))
-    exact = sum(c in {' '.join(tokenize(r)) for r in refs[i]} for i, c in zip(ids, captions))
-    real = metrics.bleu4(refs, dict(zip(ids, captions)))
-    shuffled_bleu = metrics.bleu4(refs, dict(zip(ids, wrong)))
+    with stages('6 captions, and the shuffled-picture control'):
+        device = torch.device(args.device)
+        captioner = load_captioner(best, device=device)
+        # train.py's caches, found by the same key: the held-out features (centre crops) are in
+        # one, and the time the ResNet took over the pictures is in both
+        caches = [FeatureCache(root=os.path.join(resized, split), json=json_path, crop_size=args.crop_size, views=1,
+                               encoder_id=encoder_id(encoder_spec(weights, args.seed)), seed=args.seed,
+                               amp_dtype={'bf16': torch.bfloat16, 'off': None}[amp])
+                  for split, json_path in (('train', train_json), ('val', val_json))]
+        cache = caches[1]
+        pooled = torch.tensor(cache.load_or_build(captioner.encoder, device)[0])  # (N, 2048), rows by id; a copy
+        ids = cache.image_ids
+        coco = cache.coco
+        refs = {i: [str(ann['caption']) for ann in coco.imgToAnns[i]] for i in ids}
+        paths = [os.path.join(resized, 'val', coco.imgs[i]['file_name']) for i in ids]
+        with torch.no_grad():
+            features = captioner.encoder.project(pooled.to(device))  # (N, E)
+            decode = captioner.vocab.decode
+            captions = [decode(c, markers=False)
+                        for c in captioner.decoder.generate(features, beam_size=args.beam_size)]
+            wrong = [decode(c, markers=False)
+                     for c in captioner.decoder.generate(features[shuffled(len(ids), args.seed)], beam_size=args.beam_size)]
+        os.makedirs(args.output, exist_ok=True)
+        for i, path, caption in list(zip(ids, paths, captions))[:args.examples]:
+            reference = ' '.join(tokenize(refs[i][0]))
+            print(f'{os.path.basename(path)}\n    model:     {caption}\n    reference: {reference}')
+            draw_caption(path, caption, os.path.join(args.output, os.path.basename(path)))
+        exact = sum(c in {' '.join(tokenize(r)) for r in refs[i]} for i, c in zip(ids, captions))
+        real = metrics.bleu4(refs, dict(zip(ids, captions)))
+        shuffled_bleu = metrics.bleu4(refs, dict(zip(ids, wrong)))
+    resnet = sum(build_seconds(c, captioner.encoder, trained) for c in caches)
+    stages.part('4 train.py', f'feature cache (ResNet, {"bf16" if amp == "bf16" else "float32"})', resnet,
+                rest='start-up, epochs, validation')
+
     print(f'\nheld-out pictures: {len(ids)}; captions equal to one of the references: {exact} ({exact / len(ids):.0%})')
+    verdict = ('the captions come from the pictures' if real > shuffled_bleu + 5 else
+               'no clear evidence the captions use the pictures')
     print(f'BLEU-4 (0-100) of the captions: {real:.1f}; of the same model fed the wrong pictures: '
-          f'{shuffled_bleu:.1f} -> {"the captions come from the pictures" if real > shuffled_bleu + 5 else "no clear evidence the captions use the pictures"}')
+          f'{shuffled_bleu:.1f} -> {verdict}')
     if weights == 'none':
         print('(encoder on random weights: its features keep colours, sizes and places, counts weakly and '
               'shapes not at all: see make_shapes.py --probe; ImageNet weights see the shapes too)')
-    print(f'wrote {min(args.examples, len(ids))} captioned pictures to {args.output}/; '
-          f'checkpoint {best}; done in {time.time() - start:.0f} s')
+    print(f'wrote {min(args.examples, len(ids))} captioned pictures to {args.output}/; checkpoint {best}')
     print(f'caption any picture with: python sample.py --checkpoint {best} --image {paths[0]}')
-    return {'bleu4': real, 'bleu4_shuffled': shuffled_bleu, 'exact': exact / len(ids)}
+    print(f'\n{stages.table()}\n(done in {time.time() - start:.0f} s)')
+    return {'bleu4': real, 'bleu4_shuffled': shuffled_bleu, 'exact': exact / len(ids),
+            'seconds': dict(stages.rows), 'amp': amp}
 
 
 if __name__ == '__main__':

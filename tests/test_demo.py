@@ -2,6 +2,10 @@
 import os
 import re
 
+import pytest
+
+import demo
+import feature_cache
 from conftest import run
 
 
@@ -19,3 +23,39 @@ def test_demo_runs_every_step(tmp_path):
                      out)
     assert len(os.listdir(tmp_path / 'shown')) == 3
     assert os.path.isfile(tmp_path / 'models' / 'best.pt')
+    # the time of each stage, the ResNet's pass over the pictures within train.py's
+    table = out[out.rindex('\nstage '):]
+    rows = dict(re.findall(r'^ *(\S.*?) +(\d+\.\d)$', table, re.M))
+    for stage in ('1 make_shapes.py', '2 build_vocab.py', '3 resize.py', '4 train.py', '5 evaluate.py', 'total'):
+        assert stage in rows, table
+    precision = 'bf16' if feature_cache.native_bf16('cpu') else 'float32'
+    resnet = rows[f'feature cache (ResNet, {precision})']
+    assert 0 < float(resnet) <= float(rows['4 train.py']), 'the cache was built in this run, inside train.py'
+    assert abs(sum(float(rows[s]) for s in rows if s[0].isdigit()) - float(rows['total'])) < 0.5
+    # train.py's caches were found again, not rebuilt, for the held-out captions
+    assert out.count('feature cache: no cache for this') == 2 and 'will not run' in out
+
+
+@pytest.mark.parametrize('flags, device, amp', [
+    ({'avx512f', 'amx_bf16', 'amx_tile'}, 'cpu', 'bf16'),  # Sapphire Rapids and later
+    ({'avx512f', 'avx512_bf16'}, 'cpu', 'bf16'),                      # Cooper Lake, Zen 4
+    ({'avx2', 'avx512f'}, 'cpu', 'off'),                              # bf16 only emulated: slower
+    (set(), 'cpu', 'off'),                                            # not Linux, or no flags line
+])
+def test_auto_precision_follows_the_cpu(monkeypatch, flags, device, amp):
+    monkeypatch.setattr(feature_cache, 'cpu_flags', lambda: flags)
+    assert demo.choose_amp('auto', device) == amp
+    assert demo.choose_amp('off', device) == 'off' and demo.choose_amp('bf16', device) == 'bf16'
+
+
+def test_stage_table():
+    stages = demo.Stages()
+    with stages('1 first'):
+        pass
+    with stages('2 second'):
+        pass
+    stages.rows = [('1 first', 2.0), ('2 second', 10.0)]  # fixed times, so the sums are known
+    stages.part('2 second', 'a part', 4.0, rest='the others')
+    lines = stages.table().splitlines()
+    assert [line.split()[-1] for line in lines[1:]] == ['2.0', '10.0', '4.0', '6.0', '12.0']
+    assert lines[3].strip().startswith('a part') and lines[4].strip().startswith('the others')
