@@ -114,6 +114,13 @@ def run_all(work, names, num_workers):
         yield from pool.imap_unordered(work, names, chunksize)
 
 
+def stop(results, output_dir):
+    """Stop the pool behind `results` (its workers are killed mid-picture, and waited for),
+    then remove the temporary files of the pictures they were writing."""
+    results.close()
+    remove_stale_temporaries(output_dir)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='resize.py', description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -151,26 +158,30 @@ def main(argv=None):
     names = sorted(n for n in os.listdir(args.image_dir)
                    if not n.startswith('.') and os.path.isfile(os.path.join(args.image_dir, n)))
     work = functools.partial(resize_one, image_dir=args.image_dir, output_dir=args.output_dir, size=args.image_size)
-    counts, bad = {'resized': 0, 'done': 0, 'bad': 0}, []
+    counts, bad, unwritable = {'resized': 0, 'done': 0, 'bad': 0}, [], None
+    results = run_all(work, names, args.num_workers)
     try:
         # the bar only on a terminal: in a log file its redraws are noise
-        with tqdm(run_all(work, names, args.num_workers), total=len(names), desc='resizing', unit=' images',
-                  disable=None) as bar:
+        with tqdm(results, total=len(names), desc='resizing', unit=' images', disable=None) as bar:
             for status, name, why in bar:
                 if status == 'unwritable':
-                    bar.close()
-                    fail(PROG, f"cannot write {os.path.join(args.output_dir, name)} ({why}): free some space (or "
-                               f"pick another --output_dir) and run the same command again; the "
-                               f"{counts['resized'] + counts['done']} pictures finished are complete and kept")
+                    unwritable = os.path.join(args.output_dir, name), why
+                    break
                 counts[status] += 1
                 if status == 'bad':
                     bad.append(name)
                     tqdm.write(f'warning: skipped {name}: not an image or corrupt ({why})', file=sys.stderr)
     except KeyboardInterrupt:
+        stop(results, args.output_dir)
         # finished images are complete files (see resize_one), so nothing is lost
         print(f"interrupted after resizing {counts['resized']} images: run the same command again to finish",
               file=sys.stderr)
         sys.exit(130)
+    stop(results, args.output_dir)
+    if unwritable:
+        fail(PROG, f"cannot write {unwritable[0]} ({unwritable[1]}): free some space (or pick another "
+                   f"--output_dir) and run the same command again; the {counts['resized'] + counts['done']} "
+                   f"pictures finished are complete and kept")
 
     listed = ', '.join(bad[:10]) + (f' and {len(bad) - 10} more' if len(bad) > 10 else '')
     print(f"Resized {counts['resized']} images, skipped {counts['done']} (already done), "
