@@ -117,7 +117,8 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_coco, tiny_model, tmp_pa
     # through the command line: the exit code and stderr a user sees
     proc = run('evaluate.py', *eval_args(tiny_coco, tmp_path / 'no_models', '--results_path', results), check=False)
     assert proc.returncode == 2
-    assert 'no checkpoint in' in one_line_error(proc.stderr)
+    line = one_line_error(proc.stderr)
+    assert str(tmp_path / 'no_models') in line and 'train a model first (python train.py)' in line, line
     proc = run('evaluate.py', *eval_args(tiny_coco, tiny_model, '--caption_path', tmp_path / 'nope.json',
                                          '--results_path', results), check=False)
     assert proc.returncode == 2 and 'caption file' in one_line_error(proc.stderr)
