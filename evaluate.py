@@ -147,21 +147,10 @@ class EvalImages(Dataset):
 # Captioning
 
 @torch.no_grad()
-def caption_features(decoder, features, vocab, beam_size=1, length_penalty=0.0, max_length=None):
-    """(N, E) image features -> N caption strings without <start>/<end>.
-
-    XXX: kept only for demo.py and train.py until they call decoder.generate and
-    vocab.decode(ids, markers=False) themselves; then remove it.
-    """
-    ids = decoder.generate(features, beam_size=beam_size, length_penalty=length_penalty, max_seq_length=max_length)
-    return [vocab.decode(c, markers=False) for c in ids]
-
-
-@torch.no_grad()
 def caption_images(captioner, loader, device, beam_size, length_penalty, max_seq_length):
     """Caption every image of the loader -> {image_id: caption}, with a progress bar."""
     results = {}
-    with tqdm(total=len(loader.dataset), desc='captioning', unit='img') as bar:
+    with tqdm(total=len(loader.dataset), desc='captioning', unit='img', disable=None) as bar:  # on a terminal only
         for images, image_ids, errors in loader:
             bad = [e for e in errors if e]
             if bad:
