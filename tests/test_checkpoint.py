@@ -171,3 +171,36 @@ def test_a_plain_state_dict_is_not_ours(tmp_path):
         checkpoint.load_ours(tmp_path / 'plain.pt')
     with pytest.raises(ValueError, match='not a checkpoint of train.py'):
         load_captioner(checkpoint=str(tmp_path / 'plain.pt'))
+
+
+@pytest.fixture(scope='module')
+def trained(tiny_coco, tiny_vocab, tmp_path_factory):
+    """models/ of a one-step train.py run."""
+    from conftest import train_args
+    models = tmp_path_factory.mktemp('trained')
+    run('train.py', *train_args(tiny_coco, tiny_vocab, models, '--dry_run', '--batch_size', 4))
+    return models
+
+
+def _one_line(proc, *parts):
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for part in parts:
+        assert part in proc.stderr, proc.stderr
+
+
+def test_broken_checkpoints_are_one_line_in_sample_and_evaluate(tiny_coco, tmp_path):
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    torch.save(nn.Linear(2, 3).state_dict(), tmp_path / 'plain.pt')
+    image = os.path.join(tiny_coco[0], 'img_000.png')
+    for name, says in (('empty.pt', 'empty.pt (0 bytes) is not a loadable checkpoint'),
+                       ('plain.pt', 'plain.pt is not a checkpoint of train.py')):
+        _one_line(run('sample.py', '--image', image, '--checkpoint', tmp_path / name, check=False), says)
+        _one_line(run('evaluate.py', '--image_dir', tiny_coco[0], '--caption_path', tiny_coco[1],
+                      '--checkpoint', tmp_path / name, '--results_path', tmp_path / 'results.json', check=False), says)
+
+
+def test_our_checkpoint_as_decoder_path_refuses_another_vocab(tiny_coco, tiny_vocab, trained):
+    proc = run('sample.py', '--image', os.path.join(tiny_coco[0], 'img_000.png'), '--decoder_path',
+               trained / 'latest.pt', '--vocab_path', tiny_vocab, check=False)
+    _one_line(proc, 'is a checkpoint of train.py', 'drop --vocab_path', f'--checkpoint {trained / "latest.pt"}')
