@@ -6,8 +6,9 @@
 Prints the lab's line every --log_step steps:
     Epoch [0/5], Step [0/3236], Loss: 9.2050, Perplexity: 9947.2122
 and writes into --model_path: latest.pt (every --save_step steps, each epoch and on Ctrl-C),
-best.pt (lowest validation loss, or best caption score with --select_by), train_log.csv and
-train_log.png. --resume models/latest.pt continues exactly where it left off.
+best.pt (lowest validation loss, or best caption score with --select_by), train_log.csv,
+train_log.png, and train.lock (the pid of the run that uses the folder: one run at a time).
+--resume models/latest.pt continues exactly where it left off, after Ctrl-C or SIGTERM too.
 """
 import argparse
 import contextlib
@@ -341,8 +342,12 @@ class StopSignals:
 
     def __init__(self):
         self.requested, self.deferring = False, False
-        signal.signal(signal.SIGINT, self)
-        signal.signal(signal.SIGTERM, self)
+        self.previous = signal.signal(signal.SIGINT, self), signal.signal(signal.SIGTERM, self)
+
+    def restore(self):
+        """Give the caller (demo.py runs main() in its own process) its handlers back."""
+        signal.signal(signal.SIGINT, self.previous[0])
+        signal.signal(signal.SIGTERM, self.previous[1])
 
     def __call__(self, signum, frame):
         if self.deferring and not self.requested:
@@ -803,6 +808,7 @@ def main(argv=None):
         print(f'saved {progress.latest} and {progress.best_path}')
     if dist.is_initialized():
         dist.destroy_process_group()
+    stop.restore()
     return model
 
 
