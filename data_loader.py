@@ -48,7 +48,7 @@ def load_coco(json_path):
     except UnicodeDecodeError:
         raise ValueError(f'{json_path} is not a COCO caption file (not UTF-8 text): {fix}') from None
     except json.JSONDecodeError as e:
-        raise ValueError(f'{json_path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; '
+        raise ValueError(f'{json_path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}; '
                          f'truncated?): {fix}') from None
     problem = _coco_problem(dataset)
     if problem:
@@ -83,7 +83,8 @@ def _coco_problem(dataset):
     ids = {image['id'] for image in images}
     strays = [ann for ann in annotations if ann['image_id'] not in ids]
     if strays:
-        return (f"annotation {strays[0]['id']} (and {len(strays) - 1} more) names image_id "
+        more = f' (and {len(strays) - 1} more)' if len(strays) > 1 else ''
+        return (f"annotation {strays[0]['id']}{more} names image_id "
                 f"{strays[0]['image_id']}, which is not among its {len(ids)} images: remove those annotations "
                 f"or download the file again")
     return None
