@@ -9,6 +9,7 @@ Temporary files are named ``.NAME.PID.tmp`` beside NAME: hidden, in the same fol
 rename is atomic), and tied to the process that writes them, so `remove_stale_temporaries`
 can tell a killed writer's leftovers from a live writer's file.
 """
+import argparse
 import contextlib
 import hashlib
 import os
@@ -16,6 +17,16 @@ import re
 import sys
 
 TEMPORARY = re.compile(r'^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$')
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's formatter that prints each flag's default, except where there is none to
+    print (None, False): those flags' help says in words what happens when they are not given."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def fail(prog, message):
