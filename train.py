@@ -534,8 +534,9 @@ def cannot_write(path, e):
     """Stop with one line: the file that could not be written, and what is still on disk."""
     reason = e.strerror or str(e) if isinstance(e, OSError) else str(e)
     kept = (f'the previous {path} is intact' if os.path.exists(path) else 'nothing was saved under that name')
-    fail(PROG, f'cannot write {path} ({reason}); {kept}. Free some space (or pass another --model_path) and '
-               f'continue with --resume {path if path.endswith(".pt") and os.path.exists(path) else "models/latest.pt"}')
+    latest = os.path.join(os.path.dirname(path), 'latest.pt')
+    then = f'continue with --resume {latest}' if os.path.exists(latest) else 'start again'
+    fail(PROG, f'cannot write {path} ({reason}); {kept}. Free some space (or pass another --model_path) and {then}')
 
 
 def save(path, ckpt):
