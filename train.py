@@ -36,7 +36,7 @@ from checkpoint import (EncoderWeightsError, build_encoder, encoder_id, encoder_
                         load_checkpoint, load_ours, save_checkpoint)
 from data_loader import CocoDataset, collate_fn, image_transform
 from model import DecoderRNN
-from utils import atomic_write, fail, pid_alive, remove_stale_temporaries
+from utils import HelpFormatter, atomic_write, fail, pid_alive, remove_stale_temporaries
 from vocab import load_vocab
 
 try:  # the lock that keeps two runs out of one --model_path (POSIX)
@@ -50,7 +50,7 @@ ARCHITECTURE = ('embed_size', 'hidden_size', 'num_layers')  # what the saved wei
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     # data (the tutorial's flags and defaults)
     parser.add_argument('--model_path', type=str, default='models/', help='where checkpoints and logs go')
     parser.add_argument('--crop_size', type=int, default=224, help='size of the crop fed to the ResNet')
