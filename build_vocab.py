@@ -12,7 +12,7 @@ from collections import Counter
 from tqdm import tqdm
 
 from data_loader import load_coco
-from utils import fail
+from utils import HelpFormatter, fail
 from vocab import SPECIAL_TOKENS, Vocabulary, save_vocab, tokenize
 
 PROG = 'build_vocab.py'
@@ -33,7 +33,7 @@ def build_vocab(json, threshold):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='build_vocab.py', description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_train2014.json',
                         help='path for train annotation file')
     parser.add_argument('--vocab_path', type=str, default='data/vocab.pkl', help='path for saving vocabulary wrapper')

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from utils import fail
+from utils import HelpFormatter, fail
 
 GATES = 'ifgo'  # nn.LSTM's order of the gates' rows in weight_ih_l[k]: (W_ii|W_if|W_ig|W_io)
 GATE_NAMES = {'i': 'input gate i', 'f': 'forget gate f', 'g': 'cell candidate g', 'o': 'output gate o'}
@@ -930,7 +930,7 @@ def print_report(path, rows):
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('paths', nargs='+', metavar='PATH', help='a DIY_LSTM.py, or a folder holding one')
     parser.add_argument('--timeout', type=float, default=120, help='seconds per submission before it is stopped')
     parser.add_argument('--quick', action='store_true',

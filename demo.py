@@ -35,11 +35,12 @@ from checkpoint import EncoderWeightsError, encoder_id, encoder_spec, ensure_ima
 from feature_cache import FeatureCache, native_bf16
 from sample import draw_caption
 from vocab import tokenize
+from utils import HelpFormatter
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     # data
     parser.add_argument('--data_dir', type=str, default='data/shapes', help='where the built-in set is made')
     parser.add_argument('--num_train', type=int, default=1500, help='training pictures (5 captions each)')

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from checkpoint import EncoderWeightsError, add_model_args, load_captioner
 from data_loader import load_coco, load_image
 from metrics import format_scores, score_captions
-from utils import atomic_write, fail
+from utils import HelpFormatter, atomic_write, fail, why_not_writable
 
 PROG = 'evaluate.py'
 KARPATHY_URL = 'http://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip'
@@ -33,7 +33,7 @@ KARPATHY_URL = 'http://cs.stanford.edu/people/karpathy/deepimagesent/caption_dat
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(prog='evaluate.py', description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     # data
     parser.add_argument('--image_dir', type=str, default='data/resizedval2014', help='images made by resize.py')
     parser.add_argument('--caption_path', type=str, default='data/annotations/captions_val2014.json',
@@ -172,14 +172,6 @@ def write_results(results, path):
         json.dump([{'image_id': i, 'caption': results[i]} for i in sorted(results)], f)
 
 
-def writable(path):
-    """Can `path` be created? (its nearest existing folder is writable)"""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    return os.path.isdir(folder) and os.access(folder, os.W_OK)
-
-
 def main(argv=None):
     args = get_args(argv)
     print(vars(args))
@@ -221,8 +213,9 @@ def main(argv=None):
     if args.results_path is None:
         where = os.path.dirname(args.checkpoint or args.decoder_path or '') or args.model_path
         args.results_path = os.path.join(where, f'captions_{split_name}_results.json')
-    if not writable(args.results_path):
-        fail(PROG, f'cannot write {args.results_path}: pass --results_path in a folder you can write to')
+    why = why_not_writable(os.path.dirname(os.path.abspath(args.results_path)))
+    if why:
+        fail(PROG, f'cannot write {args.results_path} ({why}): pass --results_path in a folder you can write to')
 
     try:
         captioner = load_captioner(checkpoint=args.checkpoint, encoder_path=args.encoder_path,

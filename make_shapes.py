@@ -42,7 +42,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils import atomic_write, remove_stale_temporaries
+from utils import HelpFormatter, atomic_write, remove_stale_temporaries
 
 # the palette: names are caption words; RGB values are far apart, so that even a blurry
 # colour summary (what random features keep) separates them
@@ -359,7 +359,7 @@ def probe(args, splits):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='make_shapes.py', description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     # data set
     parser.add_argument('--output_dir', type=str, default='data/shapes',
                         help='where images/{train,val}/ and annotations/captions_{train,val}.json go')

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_loader import to_rgb
-from utils import atomic_write, fail, remove_stale_temporaries
+from utils import HelpFormatter, atomic_write, fail, remove_stale_temporaries, why_not_writable
 
 PROG = 'resize.py'
 COCO_IMAGES_URL = 'http://images.cocodataset.org/zips/train2014.zip'
@@ -123,7 +123,7 @@ def stop(results, output_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='resize.py', description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--image_dir', type=str, default='./data/train2014/', help='directory for train images')
     parser.add_argument('--output_dir', type=str, default='./data/resized2014/',
                         help='directory for saving resized images')
@@ -147,8 +147,9 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         fail(PROG, f'cannot make --output_dir {args.output_dir}: {e.strerror}')
-    if not os.access(args.output_dir, os.W_OK):
-        fail(PROG, f'cannot write into --output_dir {args.output_dir}: pick a folder you own')
+    why = why_not_writable(args.output_dir)
+    if why:
+        fail(PROG, f'cannot write into --output_dir {args.output_dir} ({why}): pick a folder you can write to')
 
     # a run that was killed may have left temporary files: they are never finished images
     remove_stale_temporaries(args.output_dir)

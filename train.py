@@ -20,7 +20,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -36,7 +35,7 @@ from checkpoint import (EncoderWeightsError, build_encoder, encoder_id, encoder_
                         load_checkpoint, load_ours, save_checkpoint)
 from data_loader import CocoDataset, collate_fn, image_transform
 from model import DecoderRNN
-from utils import HelpFormatter, atomic_write, fail, pid_alive, remove_stale_temporaries
+from utils import HelpFormatter, atomic_write, fail, pid_alive, remove_stale_temporaries, why_not_writable
 from vocab import load_vocab
 
 try:  # the lock that keeps two runs out of one --model_path (POSIX)
@@ -632,12 +631,15 @@ def claim_model_path(model_path):
     runs left there. Returns the lock file, locked until the process ends (the kernel drops
     the lock of a killed run, so a stale lock file is simply taken over)."""
     lock_path = os.path.join(model_path, 'train.lock')
+    why = why_not_writable(model_path)
     try:
-        os.makedirs(model_path, exist_ok=True)
-        tempfile.TemporaryFile(dir=model_path).close()  # root ignores permissions, not a read-only disk
-        lock = open(lock_path, 'a+')
+        if why is None:
+            os.makedirs(model_path, exist_ok=True)
+            lock = open(lock_path, 'a+')
     except OSError as e:
-        fail(PROG, f'cannot write in --model_path {model_path} ({e.strerror or e}): pass a folder you can write to')
+        why = e.strerror or str(e)
+    if why:
+        fail(PROG, f'cannot write in --model_path {model_path} ({why}): pass a folder you can write to')
     lock.seek(0)
     holder = lock.read().strip()
     if fcntl is not None:
@@ -728,9 +730,6 @@ def seed_everything(seed, device):
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    # A random-weight ResNet's activations fall into float32's denormal range, where x86 CPUs
-    # compute many times slower; flushing them to zero changes values by less than 1e-38
-    torch.set_flush_denormal(True)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and later
         torch.backends.cudnn.allow_tf32 = True

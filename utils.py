@@ -65,6 +65,25 @@ def atomic_write(path, mode='wb', fsync=True, **open_kwargs):
         raise
 
 
+def why_not_writable(folder):
+    """None if files can be written into `folder`, else why not (e.g. 'Read-only file system').
+    A folder that does not exist yet is judged by its nearest existing parent. It writes and
+    removes a probe file: root ignores permission bits, but not a read-only disk."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f'{folder} is not a folder'
+    probe = temporary_name(os.path.join(folder, 'probe'))
+    try:
+        with open(probe, 'wb'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def remove_stale_temporaries(folder):
     """Remove the ``.NAME.PID.tmp`` files in `folder` whose writing process is gone (killed
     mid-write); returns their names. A live process's temporary file is left alone."""
