@@ -20,7 +20,7 @@ GATE_LABELS = {'i': 'input gate i (how much new content is written)',
                'o': 'output gate o (how much memory is shown in h)'}
 
 
-def record_gates(decoder, features, max_length=None, layer=-1):
+def record_gates(decoder, features, max_seq_length=None, layer=-1):
     """Caption one picture greedily and record one LSTM layer's gates at every step.
 
     Step t reads the previous word (the image feature at step 0) and writes word t, so row t
@@ -29,7 +29,7 @@ def record_gates(decoder, features, max_length=None, layer=-1):
     Args:
         decoder: a DecoderRNN whose lstm is a my_LSTM
         features: (1, E), from EncoderCNN
-        max_length: tokens generated at most. Default: None (the decoder's own, as sample())
+        max_seq_length: tokens generated at most. Default: None (the decoder's own, as sample())
         layer: which layer's cell to record (-1: the top one, which feeds the words). Default: -1
 
     Returns: a dict with
@@ -37,7 +37,7 @@ def record_gates(decoder, features, max_length=None, layer=-1):
         * i, f, g, o: (T, H) the gates of that layer at each step
         * c: (T, H) the memory (cell state) after each step; h: (T, H_out) the hidden state
 
-    where: T = generated tokens (max_length, or fewer when beam search stops at <end>)
+    where: T = generated tokens (max_seq_length, or fewer when beam search stops at <end>)
     """
     lstm = decoder.lstm
     if not (hasattr(lstm, 'cells') and hasattr(lstm, 'fused')):
@@ -49,7 +49,7 @@ def record_gates(decoder, features, max_length=None, layer=-1):
     try:
         lstm.fused = False  # the plain path: my_LSTMCell step by step, which logs
         cell.gate_log = log
-        ids = decoder.generate(features, beam_size=1, max_seq_length=max_length)[0]
+        ids = decoder.generate(features, beam_size=1, max_seq_length=max_seq_length)[0]
     finally:
         lstm.fused, cell.gate_log = fused, old_log
     assert len(log) >= len(ids), f'gates: {len(log)} logged steps for {len(ids)} tokens'
@@ -115,11 +115,11 @@ def gate_figure(summary, words, caption, layer_name='', hidden_size=None):
     return fig
 
 
-def plot_gates(decoder, features, vocab, path, max_length=None, layer=-1, cells=24, expected_ids=None):
+def plot_gates(decoder, features, vocab, path, max_seq_length=None, layer=-1, cells=24, expected_ids=None):
     """Record the gates of one picture's greedy caption and write their plot to `path` (PNG,
     atomically). expected_ids: the tokens the caller printed (its own decoding run); a warning
     says so if the recorded run wrote other ones. Returns the caption's words."""
-    record = record_gates(decoder, features, max_length=max_length, layer=layer)
+    record = record_gates(decoder, features, max_seq_length=max_seq_length, layer=layer)
     if expected_ids is not None and [int(i) for i in expected_ids] != record['ids']:
         warnings.warn('gates: the recorded decoding wrote another caption than the one printed '
                       '(a near-tie between two words, rounded differently on the plain path)')

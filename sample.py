@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from checkpoint import EncoderWeightsError, add_model_args, load_captioner
 from data_loader import load_image, open_rgb
-from utils import atomic_write, fail, temporary_name
+from utils import HelpFormatter, atomic_write, fail, why_not_writable
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 # where the tutorial's README put its pretrained model
@@ -25,7 +25,7 @@ TUTORIAL_FILES = ('models/encoder-5-3000.pkl', 'models/decoder-5-3000.pkl', 'dat
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(prog='sample.py', description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--image', type=str, nargs='+', required=True, help='pictures or folders to caption')
     # model: a checkpoint of train.py, or the tutorial's three files
     add_model_args(parser)
@@ -37,6 +37,8 @@ def get_args(argv=None):
                         help="longest caption in tokens, <start> and <end> included; not given: the model's (20)")
     # output
     parser.add_argument('--output', type=str, default=None, help='folder for the captioned pictures (PNG)')
+    parser.add_argument('--gates', type=str, default=None, metavar='OUT.png',
+                        help="also draw the LSTM's gates while it writes the first picture's caption (PNG)")
     parser.add_argument('--seed', type=int, default=0, help='seeds torch (decoding itself is deterministic)')
     parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="'cpu', 'cuda', 'cuda:1', 'mps'")
@@ -45,6 +47,8 @@ def get_args(argv=None):
         parser.error(f'--beam_size must be at least 1, got {args.beam_size}')
     if args.max_seq_length is not None and args.max_seq_length < 1:
         parser.error(f'--max_seq_length must be at least 1, got {args.max_seq_length}')
+    if args.gates and args.beam_size != 1:
+        parser.error('--gates draws the greedy decoding: use it with --beam_size 1')
     given = [p is not None for p in (args.encoder_path, args.decoder_path, args.vocab_path)]
     if any(given) and args.checkpoint:
         parser.error('give either --checkpoint or --encoder_path/--decoder_path/--vocab_path, not both')
@@ -98,23 +102,6 @@ def draw_caption(path, caption, out_path):
     return canvas
 
 
-def check_writable(folder):
-    """None if files can be written into `folder`, else why not. A missing folder is not made
-    here: its nearest existing parent is tried instead."""
-    while not os.path.exists(folder) and os.path.dirname(os.path.abspath(folder)) != os.path.abspath(folder):
-        folder = os.path.dirname(os.path.abspath(folder))
-    if not os.path.isdir(folder):
-        return f'{folder} is not a folder'
-    try:
-        probe = temporary_name(os.path.join(folder, 'probe'))
-        with open(probe, 'wb'):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
-
-
 def use_tutorial_files(model_path):
     """No checkpoint of ours, but the tutorial's pretrained model where its README put it?"""
     ours = os.path.isdir(model_path) and any(f.endswith('.pt') for f in os.listdir(model_path))
@@ -139,9 +126,13 @@ def main(argv=None):
         except (UnidentifiedImageError, OSError, ValueError) as e:
             fail('sample.py', f'{path} is not a picture Pillow can read ({type(e).__name__}): give a JPEG or PNG file')
     if args.output:
-        why = check_writable(args.output)
+        why = why_not_writable(args.output)
         if why:
             fail('sample.py', f'cannot write into --output {args.output} ({why}): pass a folder you can write to')
+    if args.gates:
+        why = why_not_writable(os.path.dirname(os.path.abspath(args.gates)))
+        if why:
+            fail('sample.py', f'cannot write --gates {args.gates} ({why}): pass a path in a folder you can write to')
 
     kw = dict(encoder_path=args.encoder_path, decoder_path=args.decoder_path, vocab_path=args.vocab_path)
     if args.checkpoint is None and not any(kw.values()) and use_tutorial_files(args.model_path):
@@ -173,6 +164,14 @@ def main(argv=None):
                 canvas.show()  # a desktop session: open it in the image viewer too
     if args.output:
         print(f'wrote {len(paths)} captioned picture(s) to {args.output}')
+    if args.gates:
+        import gates  # matplotlib, only when asked for
+        os.makedirs(os.path.dirname(os.path.abspath(args.gates)), exist_ok=True)
+        with torch.no_grad():
+            features = captioner.encoder(tensors[0].to(device))  # (1, E)
+        gates.plot_gates(captioner.decoder, features, captioner.vocab, args.gates,
+                         max_seq_length=args.max_seq_length, expected_ids=captions[0])
+        print(f'wrote the gates of {paths[0]} to {args.gates}')
 
 
 if __name__ == '__main__':

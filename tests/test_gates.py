@@ -95,11 +95,11 @@ def test_flags_restored_when_decoding_fails(decoder, monkeypatch):
     assert decoder.lstm.fused is True and decoder.lstm.cells['l0'].gate_log is None
 
 
-def test_top_layer_and_max_length():
+def test_top_layer_and_max_seq_length():
     torch.manual_seed(1)
     decoder = DecoderRNN(8, 16, 10, num_layers=2).eval()
     features = torch.randn(1, 8)
-    record = gates.record_gates(decoder, features, max_length=6)
+    record = gates.record_gates(decoder, features, max_seq_length=6)
     assert record['ids'] == decoder.generate(features, beam_size=1, max_seq_length=6)[0]
     # the top layer's h is what the decoder's linear layer reads
     picks = decoder.linear(record['h']).argmax(1).tolist()
