@@ -18,6 +18,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 from checkpoint import load_captioner, load_checkpoint
@@ -138,6 +139,11 @@ def test_sample_and_evaluate_find_the_model(default_run, data_root):
     assert f'model: {chosen}' in proc.stderr
     words, vocab = proc.stdout.strip().splitlines()[-1].split(), load_vocab(root / 'data' / 'vocab.pkl')
     assert 0 < len(words) <= 20 and all(w in vocab.word2idx for w in words), words
+    # --gates: the same caption printed, and its gates drawn
+    proc = run('sample.py', '--image', 'data/resized2014/img_000.png', '--gates', 'gates/img_000.png', cwd=root)
+    assert proc.stdout.strip().splitlines()[0].split() == words
+    with Image.open(root / 'gates' / 'img_000.png') as plot:
+        assert plot.format == 'PNG' and plot.width > 400
     # evaluate.py's default is val2014; without it, the training pictures stand in
     data = [] if os.path.isdir(root / 'data' / 'resizedval2014') else [
         '--image_dir', 'data/resized2014', '--caption_path', 'data/annotations/captions_train2014.json']
