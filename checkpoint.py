@@ -250,6 +250,16 @@ def add_model_args(parser):
                         help="override the frozen ResNet's weights the checkpoint records: 'imagenet', 'none' or a path")
 
 
+def add_decoding_args(parser, beam_size):
+    """The flags that say how to decode (sample.py: greedy, beam_size=1, the tutorial's;
+    evaluate.py: beam_size=3); they go to DecoderRNN.generate by the same names."""
+    parser.add_argument('--beam_size', type=int, default=beam_size, help='hypotheses kept per image (1: greedy)')
+    parser.add_argument('--length_penalty', type=float, default=0.0,
+                        help='beam search ranks by log p / length**alpha (0: plain log p)')
+    parser.add_argument('--max_seq_length', '--max_length', type=int, default=None,
+                        help="longest caption in tokens, <start> and <end> included; not given: the model's (20)")
+
+
 @dataclass
 class Captioner:
     """What sample.py and evaluate.py need: the two halves, the words, the preprocessing."""

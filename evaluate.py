@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from checkpoint import EncoderWeightsError, add_model_args, load_captioner
+from checkpoint import EncoderWeightsError, add_decoding_args, add_model_args, load_captioner
 from data_loader import load_coco, load_image
 from metrics import format_scores, score_captions
 from utils import HelpFormatter, atomic_write, fail, why_not_writable
@@ -47,12 +47,8 @@ def get_args(argv=None):
                         help='caption only the first this many images, by image id (0: all)')
     # model: a checkpoint of train.py, or the tutorial's three files (as sample.py)
     add_model_args(parser)
-    # decoding
-    parser.add_argument('--beam_size', type=int, default=3, help='hypotheses kept per image (1: greedy)')
-    parser.add_argument('--length_penalty', type=float, default=0.0,
-                        help='beam search ranks by log p / length**alpha (0: plain log p)')
-    parser.add_argument('--max_seq_length', '--max_length', type=int, default=None,
-                        help="longest caption in tokens, <start> and <end> included; not given: the model's (20)")
+    # decoding (beam search, as papers report)
+    add_decoding_args(parser, beam_size=3)
     # output and speed
     parser.add_argument('--results_path', type=str, default=None,
                         help='COCO results JSON to write; not given: captions_<split>_results.json beside the model')

@@ -14,7 +14,7 @@ import sys
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from checkpoint import EncoderWeightsError, add_model_args, load_captioner
+from checkpoint import EncoderWeightsError, add_decoding_args, add_model_args, load_captioner
 from data_loader import load_image, open_rgb
 from utils import HelpFormatter, atomic_write, fail, why_not_writable
 
@@ -29,12 +29,8 @@ def get_args(argv=None):
     parser.add_argument('--image', type=str, nargs='+', required=True, help='pictures or folders to caption')
     # model: a checkpoint of train.py, or the tutorial's three files
     add_model_args(parser)
-    # decoding
-    parser.add_argument('--beam_size', type=int, default=1, help='1: greedy, the tutorial\'s decoding')
-    parser.add_argument('--length_penalty', type=float, default=0.0,
-                        help='beam search ranks by log p / length**alpha (0: plain log p)')
-    parser.add_argument('--max_seq_length', '--max_length', type=int, default=None,
-                        help="longest caption in tokens, <start> and <end> included; not given: the model's (20)")
+    # decoding (greedy, the tutorial's)
+    add_decoding_args(parser, beam_size=1)
     # output
     parser.add_argument('--output', type=str, default=None, help='folder for the captioned pictures (PNG)')
     parser.add_argument('--gates', type=str, default=None, metavar='OUT.png',
