@@ -119,7 +119,7 @@ def lstm_weights(cell):
 # --------------------------------------------------------------------------------------
 # CPU matmuls
 # --------------------------------------------------------------------------------------
-# XXX: on the CPU, which library multiplies the float32 matrices matters as much as anything
+# On the CPU, which library multiplies the float32 matrices matters as much as anything
 # else here. PyTorch's matmuls call MKL; nn.LSTM's CPU kernel calls oneDNN. MKL is Intel's:
 # on Intel CPUs it is as fast as oneDNN or faster at the LSTM's shapes, and its packed GEMM
 # (_step_matmul) beats both for the per-step product; on AMD CPUs MKL takes slower code
@@ -228,7 +228,7 @@ def _step_matmul(w, n, uses, lib, addmm_):
 def _cell(a, c, c_out=None, r_out=None, h_out=None, m_out=None, w_hr=None, linear=_linear):
     """One step's gates from its pre-activations a (N, 4H): my_LSTMCell.forward's equations.
 
-    XXX: torch.tanh is avoided on purpose: on CPU it runs through MKL's VML, which is several
+    torch.tanh is avoided on purpose: on CPU it runs through MKL's VML, which is several
     times slower than torch.sigmoid on some CPUs, and at 2 threads on a busy machine can wait
     a scheduler tick for a 512-element tensor. tanh(x) = 2 sigmoid(2x) - 1 = 1 - 2 sigmoid(-2x),
     so one sigmoid call covers all four gates (with g's pre-activation doubled), and one more
