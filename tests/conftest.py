@@ -108,3 +108,14 @@ def train_args(tiny_coco, tiny_vocab, model_path, *extra):
     return ['--image_dir', image_dir, '--caption_path', caption_path, '--vocab_path', tiny_vocab,
             '--model_path', model_path, '--val_caption_path', os.path.join(model_path, 'no_val.json'),
             '--val_fraction', 0.2, *TINY_MODEL, *extra]
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module of tiny models: on a busy 2-core machine a second OpenMP
+    thread only makes every small matmul wait for a descheduled worker. Restored afterwards."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,16 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from model import DecoderRNN
 
 END = 2  # vocab.py's id of <end>
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: on a busy 2-core machine a second OpenMP thread only waits
-    for the first (10x slower here). Restored afterwards for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def random_decoder(seed, vocab_size, embed_size=6, hidden_size=8, num_layers=1, max_seq_length=20,

@@ -19,21 +19,12 @@ from DIY_LSTM import lstm_layer, my_LSTM, my_LSTMCell
 from model import DecoderRNN
 
 # nn.LSTM says so on every call with proj_size > 0; it is not about my_LSTM
-pytestmark = pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN')
+pytestmark = [pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN'),
+              pytest.mark.usefixtures('one_thread')]
 
 H_IN, H = 5, 7
 LENGTHS = [4, 2, 5]  # unsorted on purpose: enforce_sorted=False has to reorder them
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # The sizes here are tiny: with more threads, a busy machine makes every matmul wait
-    # for a descheduled worker (milliseconds each), and the file takes minutes, not seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lstm_grads(m):

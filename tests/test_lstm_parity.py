@@ -32,19 +32,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequen
 from DIY_LSTM import my_LSTM, my_LSTMCell
 
 # nn.LSTM says so on every call with proj_size > 0; it is not about my_LSTM
-pytestmark = pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN')
+pytestmark = [pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN'),
+              pytest.mark.usefixtures('one_thread')]
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-8), torch.float32: dict(atol=2e-5, rtol=1e-4)}
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # tiny sizes: with more threads a busy machine makes every matmul wait for a worker
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
