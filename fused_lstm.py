@@ -22,6 +22,8 @@ Sequences come as packed time-major rows, the layout of PackedSequence.data (DIY
 layer docstring draws it): x (T, H_in), batch_sizes non-increasing, step t's rows are the
 first batch_sizes[t] sequences.
 """
+import operator
+
 import torch
 
 # --------------------------------------------------------------------------------------
@@ -55,15 +57,18 @@ def flatten(cell):
                 p.data = part                      # the parameter now lives in the buffer
             flat[name] = whole
             offset += n
-    # What must still hold for the buffer to be the parameters: the same Linear layers
-    # holding the same Parameters at the same addresses. .to(), p.data = ...,
-    # load_state_dict(assign=True) or a new Parameter break it; in-place updates
-    # (optimizers, copy_, nn.init) do not.
-    owners = {id(p): (key, m, name) for key, m in cell._modules.items() if m is not None
-              for name, p in m._parameters.items() if p is not None}
-    checks = [owners[id(p)] + (p, p.data_ptr()) for p in params]
-    names = ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh', 'weight_hr')
-    cell._flat_lstm = (flat, checks, {name: ps for name, ps in layout}, tuple(flat.get(k) for k in names))
+    # What must still hold for the buffer to be the parameters: the cell holds the same
+    # Linear layers, they hold the same Parameters, and those live at the same addresses.
+    # .to(), p.data = ..., load_state_dict(assign=True) or a new Parameter break it;
+    # in-place updates (optimizers, copy_, nn.init) do not. _flat checks all three with
+    # C-level loops (map), because greedy decoding pays for this check at every token.
+    owners = {id(p): m._parameters for m in cell._modules.values() if m is not None
+              for p in m._parameters.values() if p is not None}
+    names = {id(p): name.rpartition('.')[2] for name, p in cell.named_parameters()}
+    checks = (tuple(cell._modules.values()), tuple(owners[id(p)] for p in params),
+              tuple(names[id(p)] for p in params), tuple(params), tuple(p.data_ptr() for p in params))
+    lstm_names = ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh', 'weight_hr')
+    cell._flat_lstm = (flat, checks, dict(layout), tuple(flat.get(k) for k in lstm_names))
     return flat
 
 
@@ -71,11 +76,12 @@ def _flat(cell):
     """cell._flat_lstm if the parameters still live in its buffer, else after flattening anew
     (None where they cannot, see flatten): (flat weights, checks, {name: per-gate parameters},
     the flat weights as lstm_weights returns them)."""
-    state = getattr(cell, '_flat_lstm', None)
+    state = cell.__dict__.get('_flat_lstm')
     if state is not None:
-        modules = cell._modules
-        if all(modules.get(key) is m and m._parameters.get(name) is p and p.data_ptr() == ptr
-               for key, m, name, p, ptr in state[1]):
+        modules, owners, names, params, ptrs = state[1]
+        if (all(map(operator.is_, cell._modules.values(), modules))
+                and all(map(operator.is_, map(dict.get, owners, names), params))
+                and tuple(map(torch.Tensor.data_ptr, params)) == ptrs):
             return state
     flatten(cell)
     return cell._flat_lstm
@@ -257,10 +263,16 @@ def _cell(a, c, c_out=None, r_out=None, h_out=None, m_out=None, w_hr=None, linea
 
 def _step(x, h, c, w_ih, w_hh, b, w_hr):
     """One step from a given state, without autograd (greedy decoding): returns (h', c').
-    x (N, H_in), h (N, H_out), c (N, H)."""
+    x (N, H_in), h (N, H_out), c (N, H).
+
+    The equations as my_LSTMCell writes them, one op per gate: at batch 1 a step costs
+    its number of ops more than their size, and _cell's sigmoid-only form needs more.
+    """
     linear, addmm_, _ = _matmuls(cpu_matmul(x))
-    a = addmm_(linear(x, w_ih, b), h, w_hh)                                # (N, 4H) pre-activations
-    return _cell(a, c, w_hr=w_hr, linear=linear)
+    i, f, g, o = addmm_(linear(x, w_ih, b), h, w_hh).chunk(4, 1)           # pre-activations, each (N, H)
+    c = torch.sigmoid(f).mul_(c).addcmul_(torch.sigmoid(i), torch.tanh(g))  # c' = f*c + i*g
+    h = torch.sigmoid(o).mul_(torch.tanh(c))                               # h' = o*tanh(c')
+    return (h, c) if w_hr is None else (linear(h, w_hr), c)
 
 
 def _recurrence(x, w_ih, b, h0, c0, w_hh, w_hr, batch_sizes):

@@ -365,6 +365,8 @@ def _update(how, m, x):
         m.load_state_dict(my_LSTM(H_IN, H).state_dict())
     elif how == 'new_parameter':
         m.cells.l0.fc_ho.weight = nn.Parameter(torch.randn(H, H))
+    elif how == 'new_linear':
+        m.cells.l0.fc_if = nn.Linear(H_IN, H)
     elif how == 'to':
         m.double().float()               # new tensors behind the same parameters, then updated in place
         with torch.no_grad():
@@ -373,7 +375,7 @@ def _update(how, m, x):
 
 
 @pytest.mark.parametrize('how', ['fused_adam', 'foreach_adam', 'sgd', 'data_assign', 'data_copy',
-                                 'load_state_dict', 'new_parameter', 'to'])
+                                 'load_state_dict', 'new_parameter', 'new_linear', 'to'])
 def test_no_grad_forward_sees_every_weight_update(how):
     """The fused path reads the parameters' own memory: never yesterday's weights."""
     torch.manual_seed(0)
