@@ -28,11 +28,8 @@ The code uses nn.LSTM's letters; the lab handout writes the same LSTM, without b
 ``my_LSTM(..., fused=True)`` (the default) computes the same layers on the same parameters
 with the speed machinery of fused_lstm.py; ``fused=False`` runs this file's cell step by
 step, with autograd doing the backward.
-
-    python -m pytest tests/test_diy_lstm.py -q     # both paths against nn.LSTM
 """
 import math
-import numbers
 import warnings
 
 import torch
@@ -41,6 +38,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 import fused_lstm
+import lstm_checks
 
 # nn.LSTM's weight layout, stated once (see "Attributes" in torch/nn/modules/rnn.py):
 # weight_ih is (W_ii|W_if|W_ig|W_io) stacked along dim 0, shape (4*H, H_in), weight_hh
@@ -67,12 +65,10 @@ class my_LSTMCell(nn.Module):
 
     Inputs: input, (h_0, c_0)
         * input: (N, H_in) or (H_in,)
-        * h_0: (N, H_out) or (H_out,); zeros if (h_0, c_0) is not given
-        * c_0: (N, H) or (H,); zeros if not given
+        * h_0: (N, H_out) or (H_out,); c_0: (N, H) or (H,); zeros if (h_0, c_0) is not given
 
     Outputs: (h_1, c_1)
-        * h_1: (N, H_out) or (H_out,)
-        * c_1: (N, H) or (H,)
+        * h_1: (N, H_out) or (H_out,); c_1: (N, H) or (H,)
 
     where: N = batch size, H_in = input_size, H = hidden_size,
         H_out = proj_size if proj_size > 0 else hidden_size
@@ -82,25 +78,23 @@ class my_LSTMCell(nn.Module):
         fc_hi, fc_hf, fc_hg, fc_ho: hidden side, ``nn.Linear(H_out, H, bias)``
         fc_hr: the projection ``nn.Linear(H, H_out, bias=False)`` when proj_size > 0, else None
         gate_log: None, or a list to which each forward appends ``dict(i=, f=, g=, o=, c=, h=)``
-            of detached tensors: the gates (N, H) and the new c (N, H) and h (N, H_out), N = 1
-            for unbatched input. Only the plain path runs the cell: set ``lstm.fused = False``.
+            of detached (N, .) tensors (N = 1 unbatched). Only the plain path runs the cell.
 
-    The state dict is nn.LSTMCell's (weight_ih, weight_hh, bias_ih, bias_hh; weight_hr with a
-    projection): each loads the other's. Per-gate keys (fc_ii.weight, ...) load too.
-    As in nn.LSTM, every weight and bias starts from U(-k, k) with k = 1/sqrt(hidden_size).
+    The state dict is nn.LSTMCell's (LSTM_LAYOUT's names), so each loads the other's; per-gate
+    keys (fc_ii.weight, ...) load too. Every weight and bias starts from nn.LSTM's
+    U(-k, k), k = 1/sqrt(hidden_size).
 
     Examples::
 
         >>> cell = my_LSTMCell(10, 20)
-        >>> x, h, c = torch.randn(3, 10), torch.randn(3, 20), torch.randn(3, 20)
-        >>> h, c = cell(x, (h, c))
+        >>> h, c = cell(torch.randn(3, 10), (torch.randn(3, 20), torch.randn(3, 20)))
         >>> h.shape, c.shape
         (torch.Size([3, 20]), torch.Size([3, 20]))
     """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, proj_size=0):
         super().__init__()
-        _check_sizes('my_LSTMCell', input_size, hidden_size, proj_size)
+        lstm_checks.check_sizes('my_LSTMCell', input_size, hidden_size, proj_size)
         kw = {'bias': bias, 'device': device, 'dtype': dtype}
         self.input_size, self.hidden_size, self.bias, self.proj_size = input_size, hidden_size, bias, proj_size
         h_out = proj_size if proj_size > 0 else hidden_size
@@ -128,7 +122,7 @@ class my_LSTMCell(nn.Module):
     def forward(self, input, hx=None):
         batched = input.dim() == 2
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
-        _check_cell_input(input, hx, self.input_size, h_out, self.hidden_size)
+        lstm_checks.check_cell_input(input, hx, self.input_size, h_out, self.hidden_size)
         x = input if batched else input.unsqueeze(0)                        # (N, H_in)
         if hx is None:
             h = x.new_zeros(x.size(0), h_out)                               # (N, H_out)
@@ -150,14 +144,9 @@ class my_LSTMCell(nn.Module):
     def lstm_layout(self):
         """Yield (nn.LSTM name, [our per-gate parameters in i, f, g, o order]) for the names this cell has."""
         for name, parts in LSTM_LAYOUT.items():
-            tensors = [_get(self, p) for p in parts]
-            if tensors[0] is not None:
-                yield name, tensors
-
-    def lstm_weights(self):
-        """{nn.LSTM name: our parameters in its layout, concatenated now}: 'weight_ih' (4*H, H_in),
-        'weight_hh' (4*H, H_out), and where present 'bias_ih', 'bias_hh' (4*H,), 'weight_hr' (H_out, H)."""
-        return {name: torch.cat(ts) if len(ts) > 1 else ts[0] for name, ts in self.lstm_layout()}
+            modules = [self._modules.get(p.split('.')[0]) for p in parts]
+            if modules[0] is not None and (self.bias or not name.startswith('bias')):
+                yield name, [getattr(m, p.split('.')[1]) for m, p in zip(modules, parts)]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # nn.LSTMCell's 'weight_ih' (4*H, H_in) becomes 'fc_ii.weight' ... 'fc_io.weight' (H, H_in)
@@ -169,8 +158,7 @@ class my_LSTMCell(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
-        s = f'{self.input_size}, {self.hidden_size}'
-        s += '' if self.bias else ', bias=False'
+        s = f'{self.input_size}, {self.hidden_size}' + ('' if self.bias else ', bias=False')
         return s + (f', proj_size={self.proj_size}' if self.proj_size else '')
 
 
@@ -182,13 +170,6 @@ def _save_in_lstm_layout(cell, state_dict, prefix, local_metadata):
         if all(k in state_dict for k in keys):
             with torch.no_grad():
                 state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys])
-
-
-def _get(module, dotted):
-    """module.fc_ii.bias for 'fc_ii.bias'; None where it does not exist (bias=False, no projection)."""
-    owner, _, name = dotted.partition('.')
-    sub = module._modules.get(owner)
-    return getattr(sub, name) if sub is not None else None
 
 
 def lstm_layer(cell, x, batch_sizes, h0=None, c0=None):
@@ -266,16 +247,15 @@ class my_LSTM(nn.Module):
     Inputs: input, (h_0, c_0)
         * input: (L, H_in) unbatched, (L, N, H_in), (N, L, H_in) if batch_first=True, or a
           PackedSequence (``pack_padded_sequence``/``pack_sequence``, sorted or not)
-        * h_0: (D * num_layers, H_out) unbatched or (D * num_layers, N, H_out); zeros if not given
-        * c_0: (D * num_layers, H) unbatched or (D * num_layers, N, H); zeros if not given
+        * h_0: (D * num_layers, N, H_out), or (D * num_layers, H_out) unbatched; zeros if not given
+        * c_0: (D * num_layers, N, H), or (D * num_layers, H) unbatched; zeros if not given
 
     Outputs: output, (h_n, c_n)
-        * output: (L, D * H_out), (L, N, D * H_out), (N, L, D * H_out) if batch_first=True,
-          or a PackedSequence with the input's batch_sizes, sorted_indices and unsorted_indices
-        * h_n: (D * num_layers, N, H_out) (or without N), each sequence's state after its own
-          last step, in the caller's batch order; for D = 2, index 2k is layer k's forward
-          direction, 2k + 1 its reverse
-        * c_n: (D * num_layers, N, H) (or without N), likewise
+        * output: (L, N, D * H_out), (N, L, D * H_out) if batch_first=True, (L, D * H_out)
+          unbatched, or a PackedSequence like the input's
+        * h_n: (D * num_layers, N, H_out), each sequence's state after its own last step, in
+          the caller's batch order; for D = 2, 2k is layer k's forward direction, 2k + 1 its reverse
+        * c_n: (D * num_layers, N, H), likewise (both without N for unbatched input)
 
     where: N = batch size, L = sequence length, D = 2 if bidirectional else 1,
         H_in = input_size, H = hidden_size, H_out = proj_size if proj_size > 0 else hidden_size
@@ -284,26 +264,19 @@ class my_LSTM(nn.Module):
         cells: ``nn.ModuleDict`` of my_LSTMCell named like nn.LSTM's weight suffixes:
             'l0', 'l0_reverse', 'l1', ... (``cells.l0.fc_ii.weight`` is W_ii of layer 0)
 
-    The state dict is saved in nn.LSTM's layout and keys (weight_ih_l0, ..., from the cells'
-    nn.LSTMCell layout), so checkpoints go both ways: nn.LSTM loads ours, we load nn.LSTM's,
-    also inside a model (the tutorial's decoder-5-3000.pkl holds 'lstm.weight_ih_l0', ...).
-    State dicts with the per-gate keys (cells.l0.fc_ii.weight, ...) load too.
+    The state dict has nn.LSTM's keys (weight_ih_l0, ...), so nn.LSTM loads ours and we load
+    nn.LSTM's, also inside a model (the tutorial's decoder-5-3000.pkl); per-gate keys load too.
 
     What nn.LSTM has and my_LSTM cannot, by design: its flat Parameters (``weight_hh_l0``, ...),
     which ``nn.utils.parametrizations.weight_norm(lstm, 'weight_hh_l0')`` and init recipes such
-    as ``nn.init.orthogonal_(lstm.weight_hh_l0)`` take by name. Each gate here is its own
-    Parameter, so apply them per gate: ``weight_norm(m.cells.l0.fc_hi)``,
-    ``nn.init.orthogonal_(m.cells.l0.fc_hi.weight)``, and so on for fc_hf, fc_hg, fc_ho. (The
-    hook-based ``nn.utils.weight_norm`` recomputes a weight only when its Linear runs: plain path only.)
-    With fused=True each cell's parameters are views into one buffer in nn.LSTM's layout (as
-    nn.LSTM's ``flatten_parameters()`` makes them); one moved out (``.to()``, ``p.data = ...``)
-    goes back at the next forward. Initialisation is nn.LSTM's: U(-k, k), k = 1/sqrt(hidden_size).
+    as ``nn.init.orthogonal_(lstm.weight_hh_l0)`` take by name. Here each gate is its own
+    Parameter: ``weight_norm(m.cells.l0.fc_hi)``, ``nn.init.orthogonal_(m.cells.l0.fc_hi.weight)``,
+    and so on for fc_hf, fc_hg, fc_ho (the hook-based ``nn.utils.weight_norm``: plain path only).
 
     Examples::
 
         >>> rnn = my_LSTM(10, 20, 2)
-        >>> input = torch.randn(5, 3, 10)
-        >>> h0, c0 = torch.randn(2, 3, 20), torch.randn(2, 3, 20)
+        >>> input, h0, c0 = torch.randn(5, 3, 10), torch.randn(2, 3, 20), torch.randn(2, 3, 20)
         >>> output, (hn, cn) = rnn(input, (h0, c0))
         >>> output.shape, hn.shape
         (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
@@ -314,18 +287,17 @@ class my_LSTM(nn.Module):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None, fused=True):
         super().__init__()
-        _check_lstm_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
+        lstm_checks.check_lstm_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size, self.fused = bidirectional, proj_size, fused
-        num_directions = 2 if bidirectional else 1
+        D = 2 if bidirectional else 1
         h_out = proj_size if proj_size > 0 else hidden_size
         self.cells = nn.ModuleDict()
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else h_out * num_directions
-            for suffix in ('', '_reverse')[:num_directions]:
-                self.cells[f'l{layer}{suffix}'] = my_LSTMCell(layer_input, hidden_size, bias, device, dtype,
-                                                              proj_size=proj_size)
+            for suffix in ('', '_reverse')[:D]:
+                self.cells[f'l{layer}{suffix}'] = my_LSTMCell(input_size if layer == 0 else h_out * D, hidden_size,
+                                                              bias, device, dtype, proj_size=proj_size)
         self.register_state_dict_post_hook(_save_with_lstm_keys)
         self.flatten_parameters()
 
@@ -334,7 +306,9 @@ class my_LSTM(nn.Module):
             cell.reset_parameters()
 
     def flatten_parameters(self):
-        """Put each cell's parameters into one buffer in nn.LSTM's layout, for the fused path."""
+        """Make each cell's parameters views into one buffer in nn.LSTM's layout (as nn.LSTM's
+        flatten_parameters does), for the fused path; a parameter moved out (``.to()``,
+        ``p.data = ...``) goes back at the next fused forward."""
         for cell in self.cells.values():
             fused_lstm.flatten(cell)
 
@@ -348,12 +322,11 @@ class my_LSTM(nn.Module):
     def forward(self, input, hx=None):
         D = 2 if self.bidirectional else 1
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+        # 1. everything becomes packed time-major rows x (T, H_in) with batch_sizes (see lstm_layer)
         packed = isinstance(input, PackedSequence)
-        # 1. everything becomes packed time-major rows x (T, H_in) with batch_sizes
         if packed:
             x, batch_sizes_t, sorted_indices, unsorted_indices = input
-            batch_sizes = batch_sizes_t.tolist()
-            N, batched = batch_sizes[0], True
+            batch_sizes, batched = batch_sizes_t.tolist(), True
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"my_LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -362,14 +335,13 @@ class my_LSTM(nn.Module):
             if batched and self.batch_first:
                 seq = seq.transpose(0, 1)                                     # (L, N, H_in)
             L, N = seq.shape[:2]
-            x = seq.reshape(L * N, seq.size(2))                               # (T, H_in), T = L * N
-            batch_sizes = [N] * L
-        autocast = _check_lstm_input(self, x, packed, batch_sizes)
+            x, batch_sizes = seq.reshape(L * N, seq.size(2)), [N] * L         # (T, H_in), T = L * N
+        autocast = lstm_checks.check_lstm_input(self, x, packed, batch_sizes)
+        N = batch_sizes[0]
         # 2. initial states (D * num_layers, N, .), in the packed (sorted) batch order; None: zeros
-        if hx is None:
-            h0 = c0 = [None] * (self.num_layers * D)
-        else:
-            h0, c0 = _check_hidden(self, hx, batched, N, h_out)               # (D * num_layers, N, .)
+        h0 = c0 = [None] * (self.num_layers * D)
+        if hx is not None:
+            h0, c0 = lstm_checks.check_hidden(self, hx, batched, N, h_out)
             if packed and sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
         if autocast:  # as autocast runs nn.LSTM: input and states in the autocast dtype
@@ -393,10 +365,7 @@ class my_LSTM(nn.Module):
             x = torch.cat(outputs, 1) if D == 2 else outputs[0]              # (T, D * H_out)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        if len(h_n) == 1:                                                    # (D * num_layers, N, .)
-            h_n, c_n = h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
-        else:
-            h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)                        # (D * num_layers, N, .)
         # 4. back to the caller's layout
         if packed:
             if unsorted_indices is not None:
@@ -419,9 +388,7 @@ class my_LSTM(nn.Module):
         return _copy(self, nn.LSTM)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # nn.LSTM's keys: 'weight_ih_l0' becomes 'cells.l0.weight_ih' (which the cell splits into
-        # its gates). This runs with the full prefix (e.g. 'lstm.') before the cells read their
-        # keys, so a decoder with nn.LSTM keys loads strictly too.
+        # nn.LSTM's 'weight_ih_l0' becomes 'cells.l0.weight_ih', which the cell then splits into its gates
         for suffix in self.cells:
             for name in LSTM_LAYOUT:
                 value = state_dict.pop(f'{prefix}{name}_{suffix}', None)
@@ -430,13 +397,10 @@ class my_LSTM(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
-        s = f'{self.input_size}, {self.hidden_size}'
         defaults = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
                         fused=True)
-        for name, default in defaults.items():
-            if getattr(self, name) != default:
-                s += f', {name}={getattr(self, name)}'
-        return s
+        return ', '.join([f'{self.input_size}, {self.hidden_size}'] + [f'{k}={getattr(self, k)}' for k, v in
+                                                                        defaults.items() if getattr(self, k) != v])
 
 
 def _copy(lstm, cls, **kwargs):
@@ -456,86 +420,3 @@ def _save_with_lstm_keys(lstm, state_dict, prefix, local_metadata):
             value = state_dict.pop(f'{prefix}cells.{suffix}.{name}', None)
             if value is not None:
                 state_dict[f'{prefix}{name}_{suffix}'] = value
-
-
-# --- nn.LSTM's and nn.LSTMCell's errors: their checks, exception types and messages ---
-
-def _check_sizes(cls, input_size, hidden_size, proj_size):
-    for name, value in (('input_size', input_size), ('hidden_size', hidden_size), ('proj_size', proj_size)):
-        if not isinstance(value, int):
-            raise TypeError(f"{cls}: {name} should be of type int, got: {type(value).__name__}")
-    if input_size <= 0 or hidden_size <= 0:
-        raise ValueError(f"{cls}: input_size and hidden_size must be greater than zero, "
-                         f"got input_size={input_size}, hidden_size={hidden_size}")
-    if proj_size < 0:
-        raise ValueError(f"{cls}: proj_size should be a positive integer or zero to disable projections, got {proj_size}")
-    if proj_size >= hidden_size:
-        raise ValueError(f"{cls}: proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
-                         f"and hidden_size={hidden_size}")
-
-
-def _check_lstm_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size):
-    if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-        raise ValueError("my_LSTM: dropout should be a number in range [0, 1] representing the "
-                         f"probability of an element being zeroed, got {dropout!r}")
-    if dropout > 0 and num_layers == 1:
-        warnings.warn("my_LSTM: dropout option adds dropout after all but last recurrent layer, so non-zero "
-                      f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
-                      f"num_layers={num_layers}", stacklevel=3)
-    for name, value in (('bias', bias), ('batch_first', batch_first)):
-        if not isinstance(value, bool):
-            raise TypeError(f"my_LSTM: {name} should be of type bool, got: {type(value).__name__}")
-    _check_sizes('my_LSTM', input_size, hidden_size, proj_size)
-    if not isinstance(num_layers, int):
-        raise TypeError(f"my_LSTM: num_layers should be of type int, got: {type(num_layers).__name__}")
-    if num_layers <= 0:
-        raise ValueError(f"my_LSTM: num_layers must be greater than zero, got {num_layers}")
-
-
-def _check_lstm_input(lstm, x, packed, batch_sizes):
-    """Check x (T, H_in); returns whether autocast is on (nn.LSTM skips the dtype check then)."""
-    if not batch_sizes:
-        raise RuntimeError("my_LSTM: Expected sequence length to be larger than 0 in RNN")
-    weight = lstm.cells['l0'].fc_ii.weight
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-    if x.dtype != weight.dtype and not autocast:
-        # nn.LSTM checks dense input only; packed input fails in its kernel, with a RuntimeError
-        raise (RuntimeError if packed else ValueError)(
-            f"my_LSTM: RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
-            f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
-    if x.size(-1) != lstm.input_size:
-        raise RuntimeError(f"my_LSTM: input.size(-1) must be equal to input_size. "
-                           f"Expected {lstm.input_size}, got {x.size(-1)}")
-    return autocast
-
-
-def _check_hidden(lstm, hx, batched, N, h_out):
-    h0, c0 = hx
-    want = 3 if batched else 2
-    if h0.dim() != want or c0.dim() != want:
-        raise RuntimeError(f"my_LSTM: For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx and cx "
-                           f"should also be {want}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors")
-    if not batched:
-        h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-    for k, (state, size) in enumerate(((h0, h_out), (c0, lstm.hidden_size))):
-        expected = (lstm.num_layers * (2 if lstm.bidirectional else 1), N, size)
-        if tuple(state.shape) != expected:
-            raise RuntimeError(f"my_LSTM: Expected hidden[{k}] size {expected}, got {list(state.shape)}")
-    return h0, c0
-
-
-def _check_cell_input(input, hx, input_size, h_out, hidden_size):
-    if input.dim() not in (1, 2):
-        raise ValueError(f"my_LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-    for k, state in enumerate(hx or ()):
-        if state.dim() not in (1, 2):
-            raise ValueError(f"my_LSTMCell: Expected hx[{k}] to be 1D or 2D, got {state.dim()}D instead")
-    if input.size(-1) != input_size:
-        raise RuntimeError(f"my_LSTMCell: input has inconsistent input_size: got {input.size(-1)} expected {input_size}")
-    for k, (state, size) in enumerate(zip(hx or (), (h_out, hidden_size))):
-        if state.size(-1) != size:
-            raise RuntimeError(f"my_LSTMCell: hidden{k} has inconsistent hidden_size: got {state.size(-1)}, "
-                               f"expected {size}")
-        if state.shape[:-1] != input.shape[:-1]:
-            raise RuntimeError(f"my_LSTMCell: Input batch size {input.size(0) if input.dim() == 2 else 1} "
-                               f"doesn't match hidden{k} batch size {state.size(0) if state.dim() == 2 else 1}")
