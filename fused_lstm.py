@@ -265,8 +265,10 @@ def _step(x, h, c, w_ih, w_hh, b, w_hr):
     """One step from a given state, without autograd (greedy decoding): returns (h', c').
     x (N, H_in), h (N, H_out), c (N, H).
 
-    The equations as my_LSTMCell writes them, one op per gate: at batch 1 a step costs
-    its number of ops more than their size, and _cell's sigmoid-only form needs more.
+    The gates as my_LSTMCell writes them, one op each: at batch 1 a step costs its number
+    of ops more than their size, and _cell's sigmoid-only form takes more ops. What _cell
+    avoids torch.tanh for matters little here: a slower tanh of a few hundred elements, and
+    one more parallel region where the matmuls already have two.
     """
     linear, addmm_, _ = _matmuls(cpu_matmul(x))
     i, f, g, o = addmm_(linear(x, w_ih, b), h, w_hh).chunk(4, 1)           # pre-activations, each (N, H)
