@@ -238,7 +238,7 @@ def _cell(a, c, c_out=None, r_out=None, h_out=None, m_out=None, w_hr=None, linea
     times slower than torch.sigmoid on some CPUs, and at 2 threads on a busy machine can wait
     a scheduler tick for a 512-element tensor. tanh(x) = 2 sigmoid(2x) - 1 = 1 - 2 sigmoid(-2x),
     so one sigmoid call covers all four gates (with g's pre-activation doubled), and one more
-    gives tanh(c'). a is overwritten by the sigmoids (i, f, s, o), where g = 2s - 1.
+    gives tanh(c'). a is overwritten by the sigmoids (i, f, sg, o), where g = 2 sg - 1.
 
     c: (N, H) the previous memory, None for zeros. The *_out buffers, when given, receive
     c' (N, H), r = sigmoid(-2c') (N, H), h' (N, H_out) and, with a projection, o * tanh(c')
@@ -246,11 +246,11 @@ def _cell(a, c, c_out=None, r_out=None, h_out=None, m_out=None, w_hr=None, linea
     """
     H = a.size(1) // 4
     a[:, 2 * H:3 * H].mul_(2)
-    i, f, s, o = a.sigmoid_().chunk(4, 1)            # each (N, H)
+    i, f, sg, o = a.sigmoid_().chunk(4, 1)           # each (N, H)
     if c is not None:
-        c = torch.mul(f, c, out=c_out).addcmul_(i, s, value=2).sub_(i)     # c' = f*c + i*(2s-1) = f*c + i*g
+        c = torch.mul(f, c, out=c_out).addcmul_(i, sg, value=2).sub_(i)    # c' = f*c + i*(2 sg - 1) = f*c + i*g
     else:
-        c = torch.mul(i, s, out=c_out).mul_(2).sub_(i)                     # c' = i*g when c = 0
+        c = torch.mul(i, sg, out=c_out).mul_(2).sub_(i)                    # c' = i*g when c = 0
     r = torch.mul(c, -2, out=r_out).sigmoid_()       # tanh(c') = 1 - 2r
     if w_hr is None:
         h = torch.addcmul(o, o, r, value=-2, out=h_out)                    # h' = o*tanh(c') = o - 2*o*r
@@ -336,17 +336,17 @@ class _LSTMLayer(torch.autograd.Function):
         batch_sizes, last, H, N = ctx.batch_sizes, ctx.last, cs.size(1), ctx.batch_sizes[0]
         # What does not depend on the recurrence is done for all steps at once, in place in
         # d_acts, which the loop then turns into the gradient of the pre-activations. With
-        # c' = f*c + i*g, h' = o*tanh(c'), sigmoid' = s(1-s), g = 2 sigmoid(2a) - 1 for g's
-        # pre-activation a, and tanh(c') = 1 - 2r:
+        # c' = f*c + i*g, h' = o*tanh(c'), sigma' = sigma(1-sigma), g = 2 sg - 1 = 2 sigma(2a) - 1
+        # for g's pre-activation a, and tanh(c') = 1 - 2r:
         #   dc' = dh' * o*(1 - tanh(c')^2) + (dc' sent back from step t+1, or from c_n)
         #   da_i = dc' * g*i(1-i)      da_f = dc' * c*f(1-f)
-        #   da_g = dc' * i*4s(1-s)     da_o = dh' * tanh(c')*o(1-o)
+        #   da_g = dc' * i*4sg(1-sg)   da_o = dh' * tanh(c')*o(1-o)
         # where c is the previous memory (zero, or c0, at the first step).
-        i, f, s, o = acts.chunk(4, 1)                                   # each (T, H)
-        d_acts = torch.addcmul(acts, acts, acts, value=-1)              # (T, 4H) each gate's sigmoid' = s - s*s
-        di, df, ds, do = d_acts.chunk(4, 1)
-        torch.addcmul(di, di, s, value=-2, out=di).neg_()               # i(1-i) * g
-        ds.mul_(i).mul_(4)                                              # s(1-s) * 4i
+        i, f, sg, o = acts.chunk(4, 1)                                  # each (T, H)
+        d_acts = torch.addcmul(acts, acts, acts, value=-1)              # (T, 4H) each gate's sigma' = sigma - sigma^2
+        di, df, dsg, do = d_acts.chunk(4, 1)
+        torch.addcmul(di, di, sg, value=-2, out=di).neg_()              # i(1-i) * g
+        dsg.mul_(i).mul_(4)                                             # sg(1-sg) * 4i
         torch.addcmul(do, do, rs, value=-2, out=do)                     # o(1-o) * tanh(c')
         dc_dm = torch.addcmul(rs, rs, rs, value=-1).mul_(o)             # (T, H) o*(1 - tanh(c')^2) / 4 = o*r(1-r)
         # dh' of every row: the output's gradient, h_n's for last steps; later steps add theirs
