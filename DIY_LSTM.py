@@ -144,9 +144,11 @@ class my_LSTMCell(nn.Module):
     def lstm_layout(self):
         """Yield (nn.LSTM name, [our per-gate parameters in i, f, g, o order]) for the names this cell has."""
         for name, parts in LSTM_LAYOUT.items():
-            modules = [self._modules.get(p.split('.')[0]) for p in parts]
-            if modules[0] is not None and (self.bias or not name.startswith('bias')):
-                yield name, [getattr(m, p.split('.')[1]) for m, p in zip(modules, parts)]
+            owners = (p.partition('.') for p in parts)                     # ('fc_ii', '.', 'weight'), ...
+            # None where the cell has no such tensor (bias=False, no projection)
+            tensors = [getattr(self._modules.get(owner), attr, None) for owner, _, attr in owners]
+            if tensors[0] is not None:
+                yield name, tensors
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # nn.LSTMCell's 'weight_ih' (4*H, H_in) becomes 'fc_ii.weight' ... 'fc_io.weight' (H, H_in)
@@ -388,7 +390,9 @@ class my_LSTM(nn.Module):
         return _copy(self, nn.LSTM)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # nn.LSTM's 'weight_ih_l0' becomes 'cells.l0.weight_ih', which the cell then splits into its gates
+        # nn.LSTM's 'weight_ih_l0' becomes 'cells.l0.weight_ih', which the cell then splits into its
+        # gates. This runs with the full prefix (e.g. 'lstm.') before the cells read their keys, so
+        # a decoder with nn.LSTM's keys loads strictly too.
         for suffix in self.cells:
             for name in LSTM_LAYOUT:
                 value = state_dict.pop(f'{prefix}{name}_{suffix}', None)
@@ -399,8 +403,11 @@ class my_LSTM(nn.Module):
     def extra_repr(self):
         defaults = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
                         fused=True)
-        return ', '.join([f'{self.input_size}, {self.hidden_size}'] + [f'{k}={getattr(self, k)}' for k, v in
-                                                                        defaults.items() if getattr(self, k) != v])
+        s = f'{self.input_size}, {self.hidden_size}'
+        for name, default in defaults.items():
+            if getattr(self, name) != default:
+                s += f', {name}={getattr(self, name)}'
+        return s
 
 
 def _copy(lstm, cls, **kwargs):

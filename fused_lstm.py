@@ -62,11 +62,10 @@ def flatten(cell):
     # .to(), p.data = ..., load_state_dict(assign=True) or a new Parameter break it;
     # in-place updates (optimizers, copy_, nn.init) do not. _flat checks all three with
     # C-level loops (map), because greedy decoding pays for this check at every token.
-    owners = {id(p): m._parameters for m in cell._modules.values() if m is not None
-              for p in m._parameters.values() if p is not None}
-    names = {id(p): name.rpartition('.')[2] for name, p in cell.named_parameters()}
-    checks = (tuple(cell._modules.values()), tuple(owners[id(p)] for p in params),
-              tuple(names[id(p)] for p in params), tuple(params), tuple(p.data_ptr() for p in params))
+    where = {id(p): (m._parameters, name) for m in cell._modules.values() if m is not None
+             for name, p in m._parameters.items() if p is not None}
+    owners, names = zip(*(where[id(p)] for p in params))      # each Parameter's dict, and its key there
+    checks = (tuple(cell._modules.values()), owners, names, tuple(params), tuple(p.data_ptr() for p in params))
     lstm_names = ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh', 'weight_hr')
     cell._flat_lstm = (flat, checks, dict(layout), tuple(flat.get(k) for k in lstm_names))
     return flat
