@@ -18,6 +18,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
+from utils import leave_signals_to_parent
 from vocab import tokenize
 
 # ImageNet's statistics: the frozen ResNet was trained on images normalised this way
@@ -271,9 +272,15 @@ def collate_fn(data):
     return images, targets, lengths
 
 
+def worker_init_fn(worker_id):
+    """The worker_init_fn of every DataLoader here: Ctrl-C and SIGTERM are the main process's
+    to answer, and a worker ends with it (utils.leave_signals_to_parent)."""
+    leave_signals_to_parent(os.getppid())
+
+
 def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, seed=0, **kwargs):
     """The tutorial's entry point: a DataLoader over CocoDataset with collate_fn.
     Extra keyword arguments (sampler, pin_memory, ...) go to the DataLoader."""
     coco = CocoDataset(root=root, json=json, vocab=vocab, transform=transform, seed=seed)
-    return data.DataLoader(dataset=coco, batch_size=batch_size, shuffle=shuffle,
-                           num_workers=num_workers, collate_fn=collate_fn, **kwargs)
+    return data.DataLoader(dataset=coco, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                           collate_fn=collate_fn, worker_init_fn=worker_init_fn, **kwargs)

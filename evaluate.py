@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from checkpoint import EncoderWeightsError, add_decoding_args, add_model_args, load_captioner
-from data_loader import load_coco, load_image
+from data_loader import load_coco, load_image, worker_init_fn
 from metrics import format_scores, score_captions
 from utils import HelpFormatter, atomic_write, fail, why_not_writable
 
@@ -224,7 +224,7 @@ def main(argv=None):
 
     dataset = EvalImages(paths, image_ids, captioner.image_size, captioner.crop_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                        pin_memory=device.type == 'cuda')
+                        pin_memory=device.type == 'cuda', worker_init_fn=worker_init_fn)
     results = caption_images(captioner, loader, device, args.beam_size, args.length_penalty, args.max_seq_length)
     try:
         write_results(results, args.results_path)

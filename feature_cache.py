@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 import data_loader
 from data_loader import (IMAGENET_MEAN, IMAGENET_STD, encode_caption, existing_images, image_transform, load_coco,
-                         open_rgb)
+                         open_rgb, worker_init_fn)
 from utils import atomic_write, file_sha256, remove_stale_temporaries
 from vocab import tokenize
 
@@ -456,7 +456,8 @@ class FeatureCache:
         images = _ImageViews(self.paths(), self.crop_size, self.views, self.seed)
         # batch_size counts crops, as one ResNet batch; each item brings all V views of an image
         loader = data.DataLoader(images, batch_size=max(1, batch_size // self.views), shuffle=False,
-                                 num_workers=num_workers, pin_memory=device.type == 'cuda')
+                                 num_workers=num_workers, pin_memory=device.type == 'cuda',
+                                 worker_init_fn=worker_init_fn)
         # An error, Ctrl-C or SIGTERM leaves nothing behind; only a SIGKILL leaves the .partial,
         # which the next build deletes.
         try:

@@ -9,11 +9,9 @@ Example:
     python resize.py --image_dir data/train2014/ --output_dir data/resized2014/ --image_size 256
 """
 import argparse
-import ctypes
 import functools
 import io
 import os
-import signal
 import sys
 from multiprocessing import Pool
 
@@ -21,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_loader import to_rgb
-from utils import HelpFormatter, atomic_write, fail, remove_stale_temporaries, why_not_writable
+from utils import HelpFormatter, atomic_write, fail, leave_signals_to_parent, remove_stale_temporaries, why_not_writable
 
 PROG = 'resize.py'
 COCO_IMAGES_URL = 'http://images.cocodataset.org/zips/train2014.zip'
@@ -80,27 +78,6 @@ def resize_one(name, image_dir, output_dir, size):
     return 'resized', name, None
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def init_worker(parent):
-    """Set up a pool worker: it ignores Ctrl-C, and dies with the main process `parent`.
-
-    Ctrl-C reaches every process of the run: only the main one reports it, and stops the
-    pool. A SIGKILLed main process cannot stop the pool, so on Linux the kernel is asked
-    to kill the worker when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere the pool's
-    workers finish the pictures they were handed.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith('linux'):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-
 def run_all(work, names, num_workers):
     """Yield work(name) for every name: in num_workers processes, in whatever order they
     finish, or one by one in this process when num_workers is 0 or 1."""
@@ -110,7 +87,7 @@ def run_all(work, names, num_workers):
     # up to 16 images per message keeps the pool's overhead small; fewer for a small
     # folder, so that every worker gets some
     chunksize = max(1, min(16, len(names) // (4 * num_workers)))
-    with Pool(num_workers, initializer=init_worker, initargs=(os.getpid(),)) as pool:
+    with Pool(num_workers, initializer=leave_signals_to_parent, initargs=(os.getpid(),)) as pool:
         yield from pool.imap_unordered(work, names, chunksize)
 
 

@@ -7,7 +7,7 @@ Prints the lab's line every --log_step steps:
     Epoch [0/5], Step [0/3236], Loss: 9.2050, Perplexity: 9947.2122
 and writes into --model_path: latest.pt (every --save_step steps, each epoch and on Ctrl-C),
 best.pt (lowest validation loss, or best caption score with --select_by), train_log.csv,
-train_log.png, and train.lock (the pid of the run that uses the folder: one run at a time).
+train_log.png, and, while it runs, train.lock (its pid: one run at a time in a folder).
 --resume models/latest.pt continues exactly where it left off, after Ctrl-C or SIGTERM too.
 """
 import argparse
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from checkpoint import (EncoderWeightsError, build_encoder, encoder_id, encoder_spec, encoder_state,
                         load_checkpoint, load_ours, save_checkpoint)
-from data_loader import CocoDataset, collate_fn, image_transform
+from data_loader import CocoDataset, collate_fn, image_transform, worker_init_fn
 from model import DecoderRNN
 from utils import HelpFormatter, atomic_write, fail, pid_alive, remove_stale_temporaries, why_not_writable
 from vocab import load_vocab
@@ -275,14 +275,6 @@ def amp_dtype(args):
     return {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
 
 
-def ignore_stop_signals(worker_id):
-    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops at a
-    batch boundary and then ends them; a worker that died of the signal would end the run
-    with an error before that."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def make_loaders(args, train_set, val_set, world_size, rank, device):
     """(train sampler, validation loader, loader keyword arguments for each epoch's loader).
 
@@ -291,7 +283,7 @@ def make_loaders(args, train_set, val_set, world_size, rank, device):
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     val_sampler = DistributedSampler(val_set, num_replicas=world_size, rank=rank, shuffle=False)
     loader_kw = dict(collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == 'cuda',
-                     worker_init_fn=ignore_stop_signals)
+                     worker_init_fn=worker_init_fn)
     # the validation loader lives through the run, so its workers can too; the training loader is
     # made anew each epoch (a resumed epoch starts at its batch), and its workers with it
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler,
@@ -333,15 +325,22 @@ def make_optimizer(args, encoder, decoder, device):
 # Stopping: Ctrl-C and SIGTERM (a cluster's preemption)
 
 class StopSignals:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt at once while the run is set up (the model
-    built, the feature cache filled). During training the first one is only recorded, and
-    the loop stops at the next batch boundary: a batch cut in half would have updated the
-    BatchNorm statistics, or the weights, that its redoing on resume updates again. A second
-    one stops at once, without saving."""
+    """Ctrl-C and SIGTERM stop the run within about a second.
+
+    Where the model changes, a training step or a checkpoint being written (inside `deferred()`),
+    the first signal is only recorded: the loop stops at the next batch boundary, and a write
+    finishes. A batch cut in half would have updated the BatchNorm statistics, or the weights,
+    that its redoing on resume updates again. Anywhere else (setting up, the feature cache,
+    validation, scoring) it raises KeyboardInterrupt at once: nothing there changes what a
+    checkpoint holds. A second signal always raises at once."""
 
     def __init__(self):
-        self.requested, self.deferring = False, False
+        self.signals, self.deferring = 0, False
         self.previous = signal.signal(signal.SIGINT, self), signal.signal(signal.SIGTERM, self)
+
+    @property
+    def requested(self):
+        return self.signals > 0
 
     def restore(self):
         """Give the caller (demo.py runs main() in its own process) its handlers back."""
@@ -349,15 +348,23 @@ class StopSignals:
         signal.signal(signal.SIGTERM, self.previous[1])
 
     def __call__(self, signum, frame):
-        if self.deferring and not self.requested:
-            self.requested = True
-            return
-        raise KeyboardInterrupt
+        self.signals += 1
+        if not (self.deferring and self.signals == 1):
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Within the block, a first signal is only recorded."""
+        before, self.deferring = self.deferring, True
+        try:
+            yield
+        finally:
+            self.deferring = before
 
     def stop_now(self, device):
         """True when any process got a signal (all of them stop at the same batch)."""
-        if dist.is_initialized():
-            self.requested = all_sum(float(self.requested), device=device)[0] > 0
+        if dist.is_initialized() and all_sum(float(self.requested), device=device)[0] > 0:
+            self.signals = max(self.signals, 1)
         return self.requested
 
 
@@ -438,13 +445,15 @@ def recalibrate_bn(model, loader, device, num_batches):
     bn.reset_running_stats()
     momentum, bn.momentum = bn.momentum, None  # None: cumulative average
     model.train()
-    for i, (inputs, _, _) in enumerate(loader):
-        if i == num_batches:
-            break
-        inputs = inputs.to(device)
-        features = inputs if inputs.dim() == 2 else model.encoder.extract(inputs)  # (N, 2048)
-        bn(model.encoder.linear(features))
-    bn.momentum = momentum
+    try:
+        for i, (inputs, _, _) in enumerate(loader):
+            if i == num_batches:
+                break
+            inputs = inputs.to(device)
+            features = inputs if inputs.dim() == 2 else model.encoder.extract(inputs)  # (N, 2048)
+            bn(model.encoder.linear(features))
+    finally:
+        bn.momentum = momentum
 
 
 @torch.no_grad()
@@ -590,36 +599,38 @@ def write_csv(history, path):
         cannot_write(path, e)
 
 
-def end_of_epoch(model, train_loader, val_loader, val_set, progress, args, device, master, plotted):
-    """Validate, keep the best, save latest.pt (and best.pt), write the logs.
-    Returns the time of the last plot."""
+def end_of_epoch(model, train_loader, val_loader, val_set, progress, args, device, master, stop, plotted):
+    """Validate, keep the best, save latest.pt (and best.pt), write the logs. train_loader gives
+    the epoch's batches from its first. A signal stops the validation at once, and lets the
+    files be written whole. Returns the time of the last plot."""
     if args.recalibrate_bn:
         recalibrate_bn(model, train_loader, device, args.recalibrate_bn)
     val_loss, val_ppl = validate(model, val_loader, device, args)
     score = select_score(args, model, val_set, progress.vocab, device, val_loss)
-    epoch = progress.epoch
-    improved = progress.best is None or score > progress.best['score']
-    if improved:
-        progress.best = {'score': score, 'val_loss': val_loss, 'epoch': epoch, 'global_step': progress.global_step}
-    progress.history.append({'split': 'val', 'epoch': epoch, 'step': progress.step,
-                             'global_step': progress.global_step, 'loss': val_loss, 'perplexity': val_ppl,
-                             'steps_per_sec': '', 'time': time.time()})
-    if progress.step >= len(train_loader.batch_sampler):  # the epoch is done: the next one starts at 0
-        progress.epoch, progress.step = epoch + 1, 0
-    if not master:
-        return plotted
-    extra = f', {args.select_by}: {score:.2f}' if args.select_by != 'loss' else ''
-    print(f'Validation after epoch [{epoch}/{args.num_epochs}]: Loss: {val_loss:.4f}, '
-          f'Perplexity: {val_ppl:5.4f}{extra}{" (best)" if improved else ""}')
-    save(progress.latest, progress.checkpoint())
-    if improved:
-        copy_file(progress.latest, progress.best_path)
-    write_csv(progress.history, os.path.join(args.model_path, 'train_log.csv'))
-    # the plot each epoch, but at most every 30 s: a toy set's epochs take a second
-    last = epoch == args.num_epochs - 1 or args.dry_run or progress.global_step == args.max_steps
-    if last or time.time() - plotted > 30:
-        write_plot(progress.history, os.path.join(args.model_path, 'train_log.png'))
-        plotted = time.time()
+    with stop.deferred():  # validation and scoring may be cut short; what follows is written whole
+        epoch = progress.epoch
+        improved = progress.best is None or score > progress.best['score']
+        if improved:
+            progress.best = {'score': score, 'val_loss': val_loss, 'epoch': epoch, 'global_step': progress.global_step}
+        progress.history.append({'split': 'val', 'epoch': epoch, 'step': progress.step,
+                                 'global_step': progress.global_step, 'loss': val_loss, 'perplexity': val_ppl,
+                                 'steps_per_sec': '', 'time': time.time()})
+        if progress.step >= len(train_loader.batch_sampler):  # the epoch is done: the next one starts at 0
+            progress.epoch, progress.step = epoch + 1, 0
+        if not master:
+            return plotted
+        extra = f', {args.select_by}: {score:.2f}' if args.select_by != 'loss' else ''
+        print(f'Validation after epoch [{epoch}/{args.num_epochs}]: Loss: {val_loss:.4f}, '
+              f'Perplexity: {val_ppl:5.4f}{extra}{" (best)" if improved else ""}')
+        save(progress.latest, progress.checkpoint())
+        if improved:
+            copy_file(progress.latest, progress.best_path)
+        write_csv(progress.history, os.path.join(args.model_path, 'train_log.csv'))
+        # the plot each epoch, but at most every 30 s: a toy set's epochs take a second
+        last = epoch == args.num_epochs - 1 or args.dry_run or progress.global_step == args.max_steps
+        if last or time.time() - plotted > 30:
+            write_plot(progress.history, os.path.join(args.model_path, 'train_log.png'))
+            plotted = time.time()
     return plotted
 
 
@@ -628,26 +639,32 @@ def end_of_epoch(model, train_loader, val_loader, val_set, progress, args, devic
 
 def claim_model_path(model_path):
     """Make sure --model_path is writable and used by this run alone, and clear what killed
-    runs left there. Returns the lock file, locked until the process ends (the kernel drops
-    the lock of a killed run, so a stale lock file is simply taken over)."""
+    runs left there. Returns the lock file, locked until release_model_path() removes it or the
+    process ends (the kernel drops the lock of a killed run, so its lock file is taken over)."""
     lock_path = os.path.join(model_path, 'train.lock')
     why = why_not_writable(model_path)
     try:
         if why is None:
             os.makedirs(model_path, exist_ok=True)
-            lock = open(lock_path, 'a+')
     except OSError as e:
         why = e.strerror or str(e)
     if why:
         fail(PROG, f'cannot write in --model_path {model_path} ({why}): pass a folder you can write to')
-    lock.seek(0)
-    holder = lock.read().strip()
-    if fcntl is not None:
+    while True:
+        lock = open(lock_path, 'a+')
+        lock.seek(0)
+        holder = lock.read().strip()
+        if fcntl is None:
+            break
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fail(PROG, f'--model_path {model_path} is in use by another train.py run (pid {holder or "?"}, '
                        f'{lock_path}): wait for it to end, or pass another --model_path')
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        lock.close()  # its run removed the file between our open and our lock: open the new one
     if holder.isdigit() and int(holder) != os.getpid() and not pid_alive(int(holder)):
         print(f'note: {lock_path} was left by train.py pid {holder}, which is no longer running: taken over')
     lock.seek(0)
@@ -665,6 +682,14 @@ def claim_model_path(model_path):
         print(f'note: removed {len(removed)} temporary file(s) of an interrupted save from {model_path}: '
               f'{", ".join(sorted(removed))}')
     return lock
+
+
+def release_model_path(lock):
+    """Remove the lock file while still holding it, so that only a run that died leaves one."""
+    if lock is not None:
+        with contextlib.suppress(OSError):
+            os.remove(lock.name)
+        lock.close()
 
 
 def load_resume(args):
@@ -738,78 +763,105 @@ def seed_everything(seed, device):
 
 # ---------------------------------------------------------------------------
 
+def epoch_loader(train_set, sampler, epoch, skip, args, loader_kw):
+    """The training batches of `epoch` from batch `skip` on. Its own generator, so making an
+    iterator never draws from the global random stream."""
+    return DataLoader(train_set, batch_sampler=EpochBatchSampler(sampler, args.batch_size, skip),
+                      generator=torch.Generator().manual_seed(args.seed + epoch), **loader_kw)
+
+
+def last_save(progress):
+    if os.path.exists(progress.latest):
+        return f'{progress.latest} holds the last save'
+    return 'nothing was saved'
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = setup_distributed(args)
     master = rank == 0  # only rank 0 prints and writes
-    stop = StopSignals()
+    stop, lock = StopSignals(), None
     try:
         if master:
             print(vars(args))
-            lock = claim_model_path(args.model_path)  # noqa: F841 -- held until the process ends
-        seed_everything(args.seed, device)
-        resumed = load_resume(args) if args.resume else None  # may set the model's sizes
+            lock = claim_model_path(args.model_path)
         try:
-            vocab = load_vocab(args.vocab_path)
-        except (FileNotFoundError, ValueError) as e:
-            fail(PROG, e)
-        if resumed:
-            check_resume_vocab(resumed, args, vocab)
-        encoder, decoder, spec = build_model(args, vocab, device, master)
-        if resumed:
-            check_resume_encoder(resumed, args, encoder)
-        try:
-            train_set, val_set = make_datasets(args, vocab, encoder, spec, device, rank)
-        except (OSError, ValueError) as e:  # missing pictures or captions, no room for the feature cache
-            fail(PROG, e)
-        model = TrainModel(encoder, decoder).train()
-        ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world_size > 1 else model
-        optimizer, scaler = make_optimizer(args, encoder, decoder, device)
-        progress = Progress(args, model, optimizer, scaler, vocab, spec)
-        if resumed:
-            progress.restore(resumed)
-            if master:
-                repair_best(resumed, progress)
-                print(f'resumed from {args.resume}: epoch {progress.epoch}, step {progress.step}')
-        sampler, val_loader, loader_kw = make_loaders(args, train_set, val_set, world_size, rank, device)
-    except KeyboardInterrupt:
-        print('\ninterrupted before training started: nothing saved', flush=True)
-        sys.exit(130)
+            model, ddp, optimizer, scaler, progress, train_set, val_set = set_up(args, rank, world_size, device, master)
+            sampler, val_loader, loader_kw = make_loaders(args, train_set, val_set, world_size, rank, device)
+        except KeyboardInterrupt:
+            print('\ninterrupted before training started: nothing saved', flush=True)
+            sys.exit(130)
 
-    stop.deferring = True
-    plotted = 0.0
-    try:
-        for epoch in range(progress.epoch, args.num_epochs):
-            progress.epoch = epoch
-            sampler.set_epoch(epoch)
-            set_epoch(train_set, epoch)
-            # its own generator, so making an iterator never draws from the global random stream
-            loader = DataLoader(train_set, batch_sampler=EpochBatchSampler(sampler, args.batch_size, progress.step),
-                                generator=torch.Generator().manual_seed(args.seed + epoch), **loader_kw)
-            ended = train_one_epoch(ddp, loader, optimizer, scaler, progress, args, device, stop, master)
-            if ended == 'stop':
-                break
-            plotted = end_of_epoch(model, loader, val_loader, val_set, progress, args, device, master, plotted)
-            if ended == 'limit' or stop.stop_now(device):
-                break
-    except KeyboardInterrupt:  # a second signal: the model may be half-way through a step
+        plotted = 0.0
+        try:
+            for epoch in range(progress.epoch, args.num_epochs):
+                progress.epoch = epoch
+                sampler.set_epoch(epoch)
+                set_epoch(train_set, epoch)
+                loader = epoch_loader(train_set, sampler, epoch, progress.step, args, loader_kw)
+                with stop.deferred():  # a signal stops at the next batch boundary
+                    ended = train_one_epoch(ddp, loader, optimizer, scaler, progress, args, device, stop, master)
+                if ended == 'stop':
+                    break
+                plotted = end_of_epoch(model, epoch_loader(train_set, sampler, epoch, 0, args, loader_kw), val_loader,
+                                       val_set, progress, args, device, master, stop, plotted)
+                if ended == 'limit' or stop.stop_now(device):
+                    break
+        except KeyboardInterrupt:
+            if stop.signals > 1:  # a second signal: the model may be half-way through a step
+                if master:
+                    print(f'\ninterrupted again: stopped without saving; {last_save(progress)}', flush=True)
+                sys.exit(130)
+            # one signal, in validation or scoring: the model is as the last step left it
+        if stop.requested:
+            if master:
+                try:
+                    with stop.deferred():
+                        save(progress.latest, progress.checkpoint())
+                except KeyboardInterrupt:
+                    print(f'\ninterrupted again: stopped without saving; {last_save(progress)}', flush=True)
+                    sys.exit(130)
+                print(f'\ninterrupted: saved {progress.latest} at epoch {progress.epoch}, step {progress.step}; '
+                      f'continue with --resume {progress.latest}', flush=True)
+            sys.exit(130)
         if master:
-            print(f'\ninterrupted again: stopped without saving; {progress.latest} holds the last save', flush=True)
-        sys.exit(130)
-    if stop.requested:
-        if master:
-            save(progress.latest, progress.checkpoint())
-            print(f'\ninterrupted: saved {progress.latest} at epoch {progress.epoch}, step {progress.step}; '
-                  f'continue with --resume {progress.latest}', flush=True)
+            print(f'saved {progress.latest} and {progress.best_path}')
+        return model
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        sys.exit(130)
-    if master:
-        print(f'saved {progress.latest} and {progress.best_path}')
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    stop.restore()
-    return model
+        release_model_path(lock)
+        stop.restore()
+
+
+def set_up(args, rank, world_size, device, master):
+    """The model, its optimiser and the data sets, resumed from --resume when given:
+    (model, ddp, optimizer, scaler, progress, train_set, val_set)."""
+    seed_everything(args.seed, device)
+    resumed = load_resume(args) if args.resume else None  # may set the model's sizes
+    try:
+        vocab = load_vocab(args.vocab_path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(PROG, e)
+    if resumed:
+        check_resume_vocab(resumed, args, vocab)
+    encoder, decoder, spec = build_model(args, vocab, device, master)
+    if resumed:
+        check_resume_encoder(resumed, args, encoder)
+    try:
+        train_set, val_set = make_datasets(args, vocab, encoder, spec, device, rank)
+    except (OSError, ValueError) as e:  # missing pictures or captions, no room for the feature cache
+        fail(PROG, e)
+    model = TrainModel(encoder, decoder).train()
+    ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world_size > 1 else model
+    optimizer, scaler = make_optimizer(args, encoder, decoder, device)
+    progress = Progress(args, model, optimizer, scaler, vocab, spec)
+    if resumed:
+        progress.restore(resumed)
+        if master:
+            repair_best(resumed, progress)
+            print(f'resumed from {args.resume}: epoch {progress.epoch}, step {progress.step}')
+    return model, ddp, optimizer, scaler, progress, train_set, val_set
 
 
 if __name__ == '__main__':

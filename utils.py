@@ -1,4 +1,5 @@
-"""Small jobs every script shares: stopping on bad input, writing files atomically, hashing files.
+"""Small jobs every script shares: stopping on bad input, writing files atomically, hashing files,
+and setting up worker processes.
 
     >>> from utils import atomic_write, fail
     >>> with atomic_write('models/train_log.csv', 'w', newline='') as f:
@@ -11,11 +12,15 @@ can tell a killed writer's leftovers from a live writer's file.
 """
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import os
 import re
+import signal
 import sys
+import threading
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TEMPORARY = re.compile(r'^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$')
 
 
@@ -118,3 +123,30 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)
     return h.hexdigest()
+
+
+def leave_signals_to_parent(parent):
+    """Set up a worker process (a DataLoader's, a Pool's): stopping is its main process's job.
+
+    Ctrl-C in a terminal reaches every process of the run, and so does a cluster's SIGTERM. A
+    worker that died of one would end the run with an error before the main process could stop
+    cleanly, so a worker ignores SIGINT, and obeys a SIGTERM only from `parent`, its main process:
+    that is how multiprocessing ends its workers when the main process exits, and then it waits for
+    them. And a worker dies with `parent`, whatever killed that (SIGKILL included): on Linux the
+    kernel is asked to kill it then (prctl PR_SET_PDEATHSIG).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not sys.platform.startswith('linux'):
+        return  # no PDEATHSIG, no sigwaitinfo: SIGTERM keeps its default, which kills the worker
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    # SIGTERM stays blocked in every thread, so it waits for this one thread, which can ask who sent it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def obey_parent():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+    threading.Thread(target=obey_parent, name='obey_parent', daemon=True).start()

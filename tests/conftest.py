@@ -4,11 +4,14 @@
         train2014/img_000.png ...        small pictures: one coloured square on a coloured background
         annotations/captions_train2014.json   COCO layout: images, annotations (2 captions each)
 """
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -74,12 +77,80 @@ def make_tiny_coco(root, n_images=12, size=48, split='train2014', captions_per_i
     return image_dir, caption_path
 
 
+def group_processes(pgid):
+    """Pids of the live processes in process group `pgid` (zombies, already ended, left out)."""
+    pids = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()  # after '(comm)', which may hold spaces
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and fields[0] != 'Z' and int(fields[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+def start(command, cwd=REPO, **kwargs):
+    """Popen a script (a list: [path, *args] run by this Python) in a process group of its own,
+    so that finish() can see every process it made. Text stdout and stderr, unbuffered."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1', **kwargs.pop('env', {}))
+    return subprocess.Popen([sys.executable, *map(str, command)], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+
+
+def finish(proc, timeout=600, grace=10):
+    """Wait for a process of start(): it must end by itself within `timeout` seconds, and leave no
+    process of its group (a DataLoader or Pool worker) alive `grace` seconds later. Returns
+    (stdout, stderr); on failure kills the group and raises AssertionError with the output."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a worker holding the pipes open counts as not ended too
+        alive = group_processes(proc.pid)
+        _kill_group(proc.pid)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f'{proc.args[1]} did not end within {timeout} s (exit code {proc.poll()}; '
+                             f'processes of its group: {alive})\nstdout:\n{stdout}\nstderr:\n{stderr}')
+    deadline = time.time() + grace
+    while group_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    left = group_processes(proc.pid)
+    if left:
+        _kill_group(proc.pid)
+        raise AssertionError(f'{proc.args[1]} exited {proc.returncode} but left processes {left} running'
+                             f'\nstdout:\n{stdout}\nstderr:\n{stderr}')
+    return stdout, stderr
+
+
+def timed_lines(proc, timeout):
+    """[(seconds since the call, line), ...] of proc's stdout until it closes (all of proc's
+    processes ended), read by a thread; kills proc's group and fails after `timeout` seconds."""
+    import threading
+    lines, t0 = [], time.time()
+    reader = threading.Thread(target=lambda: lines.extend((time.time() - t0, line) for line in proc.stdout),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        _kill_group(proc.pid)
+        raise AssertionError(f'{proc.args[1]}: stdout still open after {timeout} s (a process of its group lives on):\n'
+                             + ''.join(line for _, line in lines))
+    return lines
+
+
+def _kill_group(pgid):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def run(script, *args, cwd=REPO, check=True, timeout=600):
-    """Run one of the repository's scripts through its command line, as a user would."""
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    """Run one of the repository's scripts through its command line, as a user would: it must end
+    by itself and leave no process behind (see finish)."""
+    proc = start([os.path.join(REPO, script), *args], cwd=cwd)
+    stdout, stderr = finish(proc, timeout)
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        raise AssertionError(f'{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}')
+        raise AssertionError(f'{script} exited {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}')
     return proc
 
 
@@ -90,8 +161,10 @@ def tiny_coco(tmp_path_factory):
 
 
 # a model small enough to train in seconds on a CPU, on the random-weight encoder
-TINY_MODEL = ['--encoder_weights', 'none', '--crop_size', 32, '--image_size', 48, '--embed_size', 16,
-              '--hidden_size', 32, '--num_workers', 0]
+TINY_SIZES = ['--encoder_weights', 'none', '--crop_size', 32, '--embed_size', 16, '--hidden_size', 32]
+# and, for the many tests that train for other reasons than loading: pictures of make_tiny_coco's size,
+# loaded in the main process (a run's first batch waits for its workers to start)
+TINY_MODEL = [*TINY_SIZES, '--image_size', 48, '--num_workers', 0]
 
 
 @pytest.fixture(scope='session')

@@ -1,13 +1,14 @@
 """The flows users run, through the command lines, on the data layout the README describes.
 
-    ROOT/data/resized2014/                      training pictures, as resize.py leaves them
-    ROOT/data/resizedval2014/                   validation pictures (absent: a held-out slice)
+    ROOT/data/train2014/, val2014/              the pictures (val2014 absent: a held-out slice)
+    ROOT/data/resized2014/                      training pictures, as `python resize.py` leaves them
+    ROOT/data/resizedval2014/                   validation pictures, as the README's resize.py line leaves them
     ROOT/data/annotations/captions_train2014.json, captions_val2014.json (absent with them)
     ROOT/data/vocab.pkl                         build_vocab.py's
     ROOT/models/                                train.py's, found there by sample.py and evaluate.py
 
 Every run is `python train.py` from ROOT with its defaults (--augment crop_flip, --feature_cache
-auto, ...), only TINY_MODEL's sizes and its flow's flags added, for 2 epochs, once with a val2014
+auto, --num_workers 2, ...), only TINY_SIZES and its flow's flags added, for 2 epochs, once with a val2014
 split and once without. When a flag is added, its flow joins this list.
 """
 import copy
@@ -22,7 +23,7 @@ from PIL import Image
 
 import checkpoint
 from checkpoint import load_captioner, load_checkpoint
-from conftest import TINY_MODEL, make_tiny_coco, run
+from conftest import TINY_SIZES, make_tiny_coco, run
 from data_loader import load_image
 from vocab import load_vocab
 
@@ -36,7 +37,7 @@ FLOWS = {
     'num_layers 2': ['--num_layers', 2],
     'recalibrate_bn 2': ['--recalibrate_bn', 2],
 }
-TRAIN = [*TINY_MODEL, '--num_epochs', 2, '--batch_size', 4, '--learning_rate', 0.01]
+TRAIN = [*TINY_SIZES, '--num_epochs', 2, '--batch_size', 4, '--learning_rate', 0.01]
 VALIDATION_LINE = re.compile(r'^Validation after epoch \[(\d+)/(\d+)\]: Loss: \d+\.\d{4}, Perplexity: \d+\.\d{4}',
                              re.M)
 
@@ -56,9 +57,11 @@ def data_root(request, tmp_path_factory):
     """ROOT/data as the README's steps leave it, with or without the val2014 split."""
     root = tmp_path_factory.mktemp('coco')
     data = root / 'data'
-    make_tiny_coco(str(data), n_images=12, split='resized2014', caption_split='train2014')
+    make_tiny_coco(str(data), n_images=12, split='train2014')
+    run('resize.py', cwd=root)  # its defaults: data/train2014 -> data/resized2014, 256 x 256, every core
     if request.param == 'val2014':
-        make_tiny_coco(str(data), n_images=6, first=12, split='resizedval2014', caption_split='val2014')
+        make_tiny_coco(str(data), n_images=6, first=12, split='val2014')
+        run('resize.py', '--image_dir', 'data/val2014', '--output_dir', 'data/resizedval2014', cwd=root)
     run('build_vocab.py', '--threshold', 1, cwd=root)  # its defaults: data/annotations -> data/vocab.pkl
     return root
 
@@ -147,7 +150,7 @@ def test_sample_and_evaluate_find_the_model(default_run, data_root):
     # evaluate.py's default is val2014; without it, the training pictures stand in
     data = [] if os.path.isdir(root / 'data' / 'resizedval2014') else [
         '--image_dir', 'data/resized2014', '--caption_path', 'data/annotations/captions_train2014.json']
-    proc = run('evaluate.py', *data, '--num_workers', 0, cwd=root)
+    proc = run('evaluate.py', *data, cwd=root)
     assert re.search(r'^BLEU-4 +\d+\.\d\d$', proc.stdout, re.M), proc.stdout
     assert f'model: {chosen}' in proc.stdout
     assert os.path.isfile(root / 'models' / ('captions_val2014_results.json' if not data

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from conftest import REPO, run, train_args
+from conftest import REPO, finish, run, start, train_args
 
 LAB_LINE = re.compile(r'^Epoch \[(\d+)/(\d+)\], Step \[(\d+)/(\d+)\], Loss: (\d+\.\d{4}), Perplexity: (\d+\.\d{4})$', re.M)
 
@@ -53,9 +53,7 @@ def test_resume_continues_exactly(tiny_coco, tiny_vocab, tmp_path):
 
 
 def _popen_train(args):
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    return subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start([os.path.join(REPO, 'train.py'), *args])
 
 
 def _read_until(proc, pattern, count, timeout=120):
@@ -74,7 +72,7 @@ def test_sigkill_mid_epoch_loses_at_most_save_step(tiny_coco, tiny_vocab, tmp_pa
     proc = _popen_train(args)
     text = _read_until(proc, LAB_LINE.pattern, 8)  # well into epoch 1
     proc.kill()  # SIGKILL: no handler runs, a save may be cut anywhere
-    proc.wait()
+    finish(proc, timeout=60)
     epoch, _, step, steps, _, _ = LAB_LINE.findall(text)[-1]
     trained = int(epoch) * int(steps) + int(step) + 1  # steps finished before the kill (at least)
     for name in os.listdir(tmp_path):
@@ -91,7 +89,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tiny_coco, tiny_vocab, tmp_path):
                                    '--log_step', 1, '--save_step', 1000))
     _read_until(proc, LAB_LINE.pattern, 3)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = finish(proc, timeout=120)
     assert proc.returncode == 130
     assert 'interrupted: saved' in stdout and 'Traceback' not in stderr
     ckpt = load_checkpoint(tmp_path / 'latest.pt')
@@ -120,12 +118,11 @@ def test_two_processes_ddp_gloo(tiny_coco, tiny_vocab, tmp_path):
         f'torch.save(dict(model.named_parameters()), os.path.join({str(tmp_path)!r}, f"rank{{os.environ[\'RANK\']}}.pt"))\n')
     args = train_args(tiny_coco, tiny_vocab, tmp_path / 'models', '--num_epochs', 4, '--batch_size', 2,
                       '--log_step', 1, '--learning_rate', 0.01, '--device', 'cpu')
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           str(wrapper), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = LAB_LINE.findall(proc.stdout)
+    proc = start(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', wrapper, *args],
+                 env={'OMP_NUM_THREADS': '1'})
+    stdout, stderr = finish(proc, timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    lines = LAB_LINE.findall(stdout)
     # 18 captions, 9 per process, 2 per step: 4 steps an epoch (a last batch of one is dropped:
     # BatchNorm1d cannot train on it); only rank 0 prints
     assert len(lines) == 4 * 4 and lines[0][3] == '4'
@@ -251,7 +248,7 @@ def test_two_runs_into_one_model_path(tiny_coco, tiny_vocab, tmp_path):
         one_line_exit_2(proc, f'--model_path {tmp_path} is in use by another train.py run (pid {first.pid}')
     finally:
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=300)
+        finish(first, timeout=300)
     assert first.returncode == 130
 
 
@@ -264,7 +261,7 @@ def test_stale_lock_and_temporaries_are_taken_over(tiny_coco, tiny_vocab, tmp_pa
     out = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, '--dry_run', '--batch_size', 4)).stdout
     assert f'was left by train.py pid {dead.pid}, which is no longer running: taken over' in out
     assert 'removed 3 temporary file(s) of an interrupted save' in out
-    assert sorted(os.listdir(tmp_path)) == ['best.pt', 'latest.pt', 'train.lock', 'train_log.csv', 'train_log.png']
+    assert sorted(os.listdir(tmp_path)) == ['best.pt', 'latest.pt', 'train_log.csv', 'train_log.png']  # lock removed
     umask = os.umask(0)
     os.umask(umask)
     modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ('latest.pt', 'best.pt', 'train_log.csv')}
@@ -321,7 +318,7 @@ def test_signal_while_setting_up_exits_130(tiny_coco, tiny_vocab, tmp_path, sign
     proc = _popen_train(train_args(tiny_coco, tiny_vocab, tmp_path, '--augment', 'none'))
     assert proc.stdout.readline().startswith('{')  # its arguments: the model is built next
     proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = finish(proc, timeout=300)
     assert proc.returncode == 130 and 'Traceback' not in stderr, stderr
     assert 'interrupted' in stdout
     features = tiny_coco[0] + '/../features'
@@ -343,7 +340,7 @@ def test_signal_mid_epoch_then_resume_is_exact(tiny_coco, tiny_vocab, tmp_path, 
     proc = _popen_train(args)
     _read_until(proc, LAB_LINE.pattern, 3)
     proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = finish(proc, timeout=300)
     assert proc.returncode == 130 and 'interrupted: saved' in stdout and 'Traceback' not in stderr
     run('train.py', *args, '--resume', tmp_path / 'latest.pt')
     resumed = load_checkpoint(tmp_path / 'latest.pt')
