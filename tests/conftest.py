@@ -119,3 +119,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# my_LSTM's CPU paths: the fused one on each matmul library fused_lstm can call, and the plain one
+LSTM_PATHS = ['fused-mkl', 'fused-onednn', 'plain']
+
+
+def use_cpu_matmul(lib, monkeypatch):
+    """Make the fused path multiply on lib ('mkl' or 'onednn') for one test; skip where this
+    torch build lacks it."""
+    import torch
+
+    import fused_lstm
+    monkeypatch.setattr(fused_lstm, 'CPU_MATMUL', lib)
+    if fused_lstm.cpu_matmul(torch.zeros(1)) != lib:
+        pytest.skip(f'{lib} is not available in this torch build')
+
+
+@pytest.fixture(params=LSTM_PATHS)
+def lstm_path(request, monkeypatch):
+    """'fused' or 'plain': the path of my_LSTM a test runs, the fused one once per CPU matmul
+    library (fused_lstm.CPU_MATMUL, restored afterwards). 'auto' picks one library per CPU
+    vendor (oneDNN on AMD, MKL elsewhere), so without this an Intel machine never runs what
+    an AMD one does, and the other way round."""
+    if request.param == 'plain':
+        return 'plain'
+    use_cpu_matmul(request.param.split('-')[1], monkeypatch)
+    return 'fused'
