@@ -83,6 +83,19 @@ def run(script, *args, cwd=REPO, check=True, timeout=600):
     return proc
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (given to every test skipped without one): '
+                                       'bench/gpu_check.py runs `pytest -m cuda`')
+
+
+def pytest_collection_modifyitems(config, items):
+    # a test skipped for want of a GPU ("needs a CUDA device", "needs a GPU") is a CUDA test, whatever its name
+    for item in items:
+        reasons = [m.kwargs.get('reason', '').lower() for m in item.iter_markers('skipif')]
+        if any(r.startswith('needs a') and ('cuda' in r or 'gpu' in r) for r in reasons):
+            item.add_marker('cuda')
+
+
 @pytest.fixture(scope='session')
 def tiny_coco(tmp_path_factory):
     """(image_dir, caption_path) of a 12-picture, 24-caption COCO-format set."""

@@ -7,6 +7,7 @@ Speed targets stay in the benchmarks: nothing here asserts a time.
 
     python -m pytest tests/test_bench.py -q
 """
+import argparse
 import glob
 import os
 
@@ -40,7 +41,35 @@ def test_bench_script_runs_in_quick_mode(script, tmp_path):
         assert proc.stdout.strip(), f'{script} --quick printed nothing'
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a CUDA GPU')
+@pytest.mark.skipif(torch.cuda.is_available(), reason='runs only where there is no CUDA GPU')
 def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
     proc = run(os.path.join('bench', 'gpu_check.py'), cwd=tmp_path)
     assert proc.stdout.strip().count('\n') == 0 and 'no CUDA GPU' in proc.stdout, proc.stdout
+
+
+def test_gpu_check_coco_pipeline_on_the_cpu(tmp_path, monkeypatch):
+    """gpu_check's COCO run (build_vocab.py, resize.py, train.py, then --resume) through the
+    scripts' command lines, here on the CPU at tiny sizes, with a stand-in for bench/make_coco.py
+    that writes its layout: ROOT/annotations/captions_{train,val}2014.json, ROOT/{train,val}2014/."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, 'bench'))
+    import gpu_check
+    bench = tmp_path / 'bench'
+    bench.mkdir()
+    (bench / 'make_coco.py').write_text(
+        'import argparse, sys\n'
+        f'sys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
+        'from conftest import make_tiny_coco\n'
+        'p = argparse.ArgumentParser(); p.add_argument("--fraction"); p.add_argument("--root")\n'
+        'root = p.parse_args().root\n'
+        'make_tiny_coco(root, 12, size=64, split="train2014", captions_per_image=2)\n'
+        'make_tiny_coco(root, 4, size=64, split="val2014", first=12)\n')
+    monkeypatch.setattr(gpu_check, 'BENCH', str(bench))
+    args = argparse.Namespace(device='cpu', coco_fraction=0.001, coco_steps=2, step_timeout=300)
+    with open(tmp_path / 'log.txt', 'w') as log:
+        check = gpu_check.Check(args, log)
+        gpu_check.coco_run(check, args, str(tmp_path), extra=['--crop_size', '32', '--embed_size', '16',
+                                                                '--hidden_size', '32', '--batch_size', '4',
+                                                                '--num_workers', '0'])
+    steps = {name: result for name, result, _, _ in check.rows}
+    assert all(result == 'ok' for result in steps.values()), (check.rows, (tmp_path / 'log.txt').read_text()[-3000:])
+    assert list(steps)[-1] == 'coco: --resume' and 'loss' in check.rows[-2][3]
