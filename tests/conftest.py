@@ -4,6 +4,7 @@
         train2014/img_000.png ...        small pictures: one coloured square on a coloured background
         annotations/captions_train2014.json   COCO layout: images, annotations (2 captions each)
 """
+import cpu_env  # noqa: F401  (first: the tests' own torch waits as the scripts' does)
 import json
 import os
 import random
