@@ -110,9 +110,9 @@ def main(argv=None):
     parser.add_argument('--cpu_matmul', default='both', choices=['both', 'mkl', 'onednn'],
                         help="the fused LSTM's CPU matmul library (LSTM_CPU_MATMUL) to measure. Default: both")
     # the run's sizes
-    parser.add_argument('--images', type=int, default=48, help='crops through the ResNet. Default: 48')
+    parser.add_argument('--images', type=int, default=32, help='crops through the ResNet. Default: 32')
     parser.add_argument('--crop_size', type=int, default=112, help='crop size. Default: 112')
-    parser.add_argument('--steps', type=int, default=30, help='decoder training steps. Default: 30')
+    parser.add_argument('--steps', type=int, default=20, help='decoder training steps. Default: 20')
     parser.add_argument('--batch_size', type=int, default=32, help='crops per ResNet pass, captions per step. '
                         'Default: 32')
     parser.add_argument('--embed_size', type=int, default=256, help='E. Default: 256')
