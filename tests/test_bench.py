@@ -57,7 +57,7 @@ def test_gpu_check_coco_pipeline_on_the_cpu(tmp_path, monkeypatch):
     bench.mkdir()
     (bench / 'make_coco.py').write_text(
         'import argparse, sys\n'
-        f'sys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
+        f'sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests")!r}]\n'
         'from conftest import make_tiny_coco\n'
         'p = argparse.ArgumentParser(); p.add_argument("--fraction"); p.add_argument("--root")\n'
         'root = p.parse_args().root\n'
