@@ -5,6 +5,7 @@ Every word used at least --threshold times gets an id; rarer words become <unk>.
 Example:
     python build_vocab.py --caption_path data/annotations/captions_train2014.json --threshold 4
 """
+import cpu_env  # noqa: F401  (first: OpenMP's settings must be in place before torch loads)
 import argparse
 import os
 from collections import Counter

@@ -21,6 +21,7 @@ and its speed next to nn.LSTM's (for information, never a failure).
 Exit code: 0 when every submission passes every correctness check, 1 when one fails, 2 on a
 usage error.
 """
+import cpu_env  # noqa: F401  (first: OpenMP's settings must be in place before torch loads)
 import argparse
 import contextlib
 import importlib.util

@@ -17,6 +17,7 @@ bfloat16 natively (Intel AMX or AVX512-BF16), train.py runs under bf16 autocast,
 feature cache included: most of the demo's time is the frozen ResNet's one pass over
 the pictures, and bf16 is several times faster there (--amp off: float32).
 """
+import cpu_env  # noqa: F401  (first: OpenMP's settings must be in place before torch loads)
 import argparse
 import contextlib
 import json

@@ -13,6 +13,7 @@ from his dataset_coco.json, in http://cs.stanford.edu/people/karpathy/deepimages
 
     $ python evaluate.py --split_file data/dataset_coco.json --split test
 """
+import cpu_env  # noqa: F401  (first: OpenMP's settings must be in place before torch loads)
 import argparse
 import json
 import os

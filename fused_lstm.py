@@ -23,6 +23,7 @@ layer docstring draws it): x (T, H_in), batch_sizes non-increasing, step t's row
 first batch_sizes[t] sequences.
 """
 import operator
+import os
 
 import torch
 
@@ -130,9 +131,10 @@ def lstm_weights(cell):
 # (_step_matmul) beats both for the per-step product; on AMD CPUs MKL takes slower code
 # paths and oneDNN's matmul is faster (bench/bench_lstm.py --cpu_matmul measures both).
 # So CPU_MATMUL = 'auto' calls oneDNN on AMD CPUs and MKL (through torch.mm) elsewhere;
-# 'mkl' or 'onednn' forces one. Either gives float32 results to rounding; other dtypes
-# and devices always use torch.mm.
-CPU_MATMUL = 'auto'
+# 'mkl' or 'onednn' forces one, in code or for a whole run through the environment
+# (LSTM_CPU_MATMUL=onednn python train.py ...). Either gives float32 results to rounding;
+# other dtypes and devices always use torch.mm.
+CPU_MATMUL = os.environ.get('LSTM_CPU_MATMUL', 'auto')
 
 # oneDNN's linear layer and MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute): the
 # ops torch.compile's CPU backend calls for nn.Linear; None in builds without them
@@ -160,7 +162,8 @@ def cpu_matmul(t):
     if t.device.type != 'cpu' or t.dtype != torch.float32:
         return 'torch'
     if CPU_MATMUL not in ('auto', 'mkl', 'onednn'):
-        raise ValueError(f"fused_lstm: CPU_MATMUL must be 'auto', 'mkl' or 'onednn', got {CPU_MATMUL!r}")
+        raise ValueError("fused_lstm: CPU_MATMUL (or LSTM_CPU_MATMUL in the environment) must be 'auto', 'mkl' "
+                         f"or 'onednn', got {CPU_MATMUL!r}")
     onednn = CPU_MATMUL == 'onednn' or (CPU_MATMUL == 'auto' and _CPU_VENDOR == 'AuthenticAMD')
     if onednn and _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
         return 'onednn'
@@ -193,6 +196,10 @@ def _wgrad(d, x):
 
 
 def _onednn_linear(x, w, b=None):
+    if x.numel() == 0 or w.numel() == 0:
+        # oneDNN cannot make an inner product with a zero-sized dimension (an empty batch,
+        # or the backward's d W_hh of a one-step sequence, which multiplies over no rows)
+        return _linear(x, w, b)
     return _ONEDNN_LINEAR(x, w, b, 'none', [], '')
 
 

@@ -32,6 +32,7 @@ Each image record also carries its 'scene' (the attributes the captions describe
 Example:
     python make_shapes.py --output_dir data/shapes --num_train 1500 --num_val 150 --image_size 96 --seed 0
 """
+import cpu_env  # noqa: F401  (first: OpenMP's settings must be in place before torch loads)
 import argparse
 import json
 import os

@@ -8,6 +8,7 @@ Finished images are kept: after an interruption, run the same command again.
 Example:
     python resize.py --image_dir data/train2014/ --output_dir data/resized2014/ --image_size 256
 """
+import cpu_env  # noqa: F401  (first: OpenMP's settings must be in place before torch loads)
 import argparse
 import functools
 import io

@@ -7,6 +7,7 @@ With no path flags it uses train.py's checkpoint in --model_path, named on stder
 there is none, the tutorial's pretrained files at their tutorial paths). --image takes one
 or more pictures or folders; --output DIR writes each picture with its caption under it.
 """
+import cpu_env  # noqa: F401  (first: OpenMP's settings must be in place before torch loads)
 import argparse
 import os
 import sys

@@ -10,6 +10,7 @@ best.pt (lowest validation loss, or best caption score with --select_by), train_
 train_log.png, and, while it runs, train.lock (its pid: one run at a time in a folder).
 --resume models/latest.pt continues exactly where it left off, after Ctrl-C or SIGTERM too.
 """
+import cpu_env  # noqa: F401  (first: OpenMP's settings must be in place before torch loads)
 import argparse
 import contextlib
 import csv

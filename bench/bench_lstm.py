@@ -2,6 +2,7 @@
 
     python bench/bench_lstm.py                  # CPU, 2 threads, 11 rounds
     python bench/bench_lstm.py --device cuda    # adds (d): the same against cuDNN
+    python bench/bench_lstm.py --quick          # tiny sizes, one round: seconds (the tests' run)
 
 Cases (sizes from the tutorial's decoder: E = 256, H = 512, 1 layer, batch 128):
     (a) training step: forward + backward of a PackedSequence of 128 captions,
@@ -22,16 +23,19 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cpu_env  # noqa: E402,F401  (first: OpenMP's settings must be in place before torch loads)
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+
 import fused_lstm  # noqa: E402  (the repository root is not a package)
 from DIY_LSTM import my_LSTM  # noqa: E402
+from report import machine, print_table  # noqa: E402
 
 # targets for the fused path: my_LSTM time / nn.LSTM time at most this (None: report only)
 TARGETS = {'cpu': {'a': 0.75, 'b': 1.05, 'c': 0.5}, 'cuda': {'a': 2.0, 'c': None}}
+QUICK = dict(rounds=1, warmup=0, batch_size=4, embed_size=8, hidden_size=16, min_len=2, max_len=5, steps=3)
 
 
 def make_cases(args, device):
@@ -121,10 +125,12 @@ def main(argv=None):
     # what runs where
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="cpu, or cuda (adds case (d) against cuDNN). Default: cuda if available, else cpu")
+    parser.add_argument('--quick', action='store_true',
+                        help='tiny sizes and one round (flags given still win), to check that it runs')
     parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads for the CPU cases. Default: 2')
-    parser.add_argument('--cpu_matmul', default='auto', choices=['auto', 'mkl', 'onednn'],
+    parser.add_argument('--cpu_matmul', default=fused_lstm.CPU_MATMUL, choices=['auto', 'mkl', 'onednn'],
                         help="library for the fused path's float32 CPU matmuls (fused_lstm.CPU_MATMUL): auto picks "
-                             "oneDNN on AMD CPUs and MKL elsewhere. Default: auto")
+                             "oneDNN on AMD CPUs and MKL elsewhere. Default: $LSTM_CPU_MATMUL, else auto")
     parser.add_argument('--tf32', type=int, default=0, choices=[0, 1],
                         help='allow TF32 on CUDA, for matmuls and cuDNN alike. Default: 0')
     parser.add_argument('--rounds', type=int, default=11, help='timed rounds; the median is reported. Default: 11')
@@ -140,6 +146,9 @@ def main(argv=None):
     parser.add_argument('--atol', type=float, default=1e-4,
                         help='agreement required before timing, relative to the largest value. Default: 1e-4')
     args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     if args.rounds < 1 or args.threads < 1 or not 1 <= args.min_len <= args.max_len:
         parser.error('--rounds and --threads must be >= 1 and 1 <= --min_len <= --max_len')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
@@ -169,20 +178,10 @@ def main(argv=None):
             rows.append((name, f"{ms['nn.LSTM']:.2f}", f"{ms['fused']:.2f}", f'{ratio:.2f}x',
                          '-' if target is None else f'<= {target}x', ok,
                          f"{ms['plain']:.2f}", f"{ms['plain'] / ms['nn.LSTM']:.2f}x"))
-    cpu = torch.backends.cpu.get_cpu_capability()
     # the load average says whether other work shared the cores while this ran
-    print(f'torch {torch.__version__}, {args.threads} threads ({os.cpu_count()} cores, {cpu}), '
-          f'fused matmuls: {fused_lstm.cpu_matmul(torch.zeros(1))} ({fused_lstm._CPU_VENDOR or "unknown vendor"}), '
-          f'median of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}'
+    print(machine(args.threads) + f', median of {args.rounds} rounds'
           + (f', {torch.cuda.get_device_name()}' if len(devices) > 1 else ''))
-    header = ('case', 'nn.LSTM ms', 'fused ms', 'ratio', 'target', 'ok', 'plain ms', 'plain ratio')
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: '| ' + ' | '.join(v.ljust(w) for v, w in zip(r, widths)) + ' |'
-    print(line(header))
-    print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-    for r in rows:
-        print(line(r))
-
+    print_table(('case', 'nn.LSTM ms', 'fused ms', 'ratio', 'target', 'ok', 'plain ms', 'plain ratio'), rows)
 
 if __name__ == '__main__':
     main()

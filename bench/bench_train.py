@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                              # CPU: 2 threads, batch 16, 1-4 min
     python bench/bench_train.py --device cuda                # GPU: batch 128, also peak GPU memory
+    python bench/bench_train.py --quick                      # tiny sizes, one round: seconds (the tests' run)
 
 Variants, the same model (the tutorial's decoder: E = 256, H = 512, 1 layer, V = 9,956, COCO's
 threshold-4 vocabulary), the same captions (lengths uniform in 9..23, <start> and <end> included),
@@ -21,17 +22,18 @@ round. Epoch times for COCO (414,113 captions) and the feature cache's one-off b
 """
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cpu_env  # noqa: E402,F401  (first: OpenMP's settings must be in place before torch loads)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+
+from report import machine, print_table  # noqa: E402
 from checkpoint import build_encoder, encoder_spec  # noqa: E402  (the repository root is not a package)
 from data_loader import collate_fn  # noqa: E402
 from model import DecoderRNN  # noqa: E402
@@ -39,6 +41,8 @@ from train import TrainModel  # noqa: E402
 
 COCO_CAPTIONS, COCO_IMAGES = 414_113, 82_783  # captions_train2014.json
 TARGET_RATIO, TARGET_EPOCH_S, CARD_GIB = 10, 120, 12  # the issue's: (b) >= 10x (a); GPU epoch < 2 min; 12 GB card
+QUICK = dict(rounds=1, warmup=0, round_s=0.01, batch_size=2, crop_size=32, embed_size=16, hidden_size=32,
+             vocab_size=50, min_len=3, max_len=6, cache_rows=8)
 
 
 def hms(seconds):
@@ -46,14 +50,6 @@ def hms(seconds):
     m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
-
-
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        return platform.processor() or 'unknown CPU'
 
 
 def make_batches(args, device, encoder, tmp):
@@ -101,6 +97,8 @@ def main(argv=None):
     # what runs where
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='cpu or cuda[:k]. Default: cuda if available, else cpu')
+    parser.add_argument('--quick', action='store_true',
+                        help='tiny sizes and one round (flags given still win), to check that it runs')
     parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads. Default: 2')
     parser.add_argument('--amp', default='off', choices=['off', 'bf16', 'fp16'],
                         help="autocast as train.py's --amp (fp16 adds its gradient scaler). Default: off")
@@ -124,6 +122,9 @@ def main(argv=None):
     parser.add_argument('--cache_rows', type=int, default=4096,
                         help='images in the temporary feature file (b) reads from. Default: 4096')
     args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device}: no CUDA device here; use --device cpu')
     if args.device != 'cpu' and not args.device.startswith('cuda'):
@@ -152,18 +153,18 @@ def main(argv=None):
     if device.type == 'cuda':
         encoder.resnet.to(memory_format=torch.channels_last)
     decoder = DecoderRNN(args.embed_size, args.hidden_size, args.vocab_size, args.num_layers).to(device)
-    models = {'a': TrainModel(encoder, decoder, cached=False).train(),
-              'b': TrainModel(encoder, decoder, cached=True).train()}
+    # one model for both: a batch of pictures goes through the ResNet, one of features skips it (train.encode)
+    model = TrainModel(encoder, decoder).train()
     params = list(decoder.parameters()) + list(encoder.linear.parameters()) + list(encoder.bn.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-3)  # shared: both variants train the same model
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     criterion = nn.CrossEntropyLoss()
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
-    def loss_of(model, inputs, captions, lengths):
+    def loss_of(inputs, captions, lengths):
         """train.py's forward: inputs to the device, autocast, loss in float32."""
         inputs = inputs.to(device, non_blocking=True)
-        if not model.cached and device.type == 'cuda':
+        if inputs.dim() == 4 and device.type == 'cuda':                # pictures (N, 3, crop, crop)
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         captions = captions.to(device, non_blocking=True)
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
@@ -179,7 +180,7 @@ def main(argv=None):
             td = time.perf_counter()
             batch = batches[variant]()
             data += time.perf_counter() - td
-            loss = loss_of(models[variant], *batch)
+            loss = loss_of(*batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -193,8 +194,8 @@ def main(argv=None):
         # the same loss on the same batch before timing: (b) reads extract(crops) back from the file
         try:
             with torch.no_grad():
-                loss_a = loss_of(models['a'], *tutorial_batch()).item()
-                loss_b = loss_of(models['b'], *cached_batch(check_rows)).item()
+                loss_a = loss_of(*tutorial_batch()).item()
+                loss_b = loss_of(*cached_batch(check_rows)).item()
         except RuntimeError as e:  # e.g. a module that does not run under this autocast
             sys.exit(f'bench_train.py: error: the training step fails on {device} with --amp {args.amp}: '
                      f'{str(e).splitlines()[0]}')
@@ -228,24 +229,15 @@ def main(argv=None):
     rows = [(names[v], f'{med[v][0] * 1e3:.1f}', f'{med[v][1] * 1e3:.1f}', f'{rate[v]:.1f}', f'{rate[v] / rate["a"]:.1f}x')
             + ((f'{allocated[v] / 2**20:.0f}',) if gpu else ()) for v in 'ab']
 
-    # the load average and the OpenMP wait policy say how much other work got in the way: with
-    # more runnable threads than cores, threads spinning at OpenMP barriers slow small ops most
-    print(f'machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, '
-          f'{torch.cuda.get_device_name(device) if gpu else "no GPU used"}; threads {args.threads}, '
-          f'OMP_WAIT_POLICY {os.environ.get("OMP_WAIT_POLICY", "unset")}, '
-          f'load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end')
+    # the load average and OpenMP's waiting say how much other work got in the way: with more
+    # runnable threads than cores, threads spinning at OpenMP barriers slow small ops most
+    print(machine(args.threads) + f' ({load_start:.1f} at start)'
+          + (f', {torch.cuda.get_device_name(device)}' if gpu else ', no GPU used'))
     if load_start > os.cpu_count():
-        print(f'note: load average {load_start:.1f} on {os.cpu_count()} cores: other work competes for them, and '
-              f'OpenMP threads waiting at barriers slow (b)\'s many small ops most; compare --threads 1 or '
-              f'OMP_WAIT_POLICY=PASSIVE')
+        print(f'note: load average {load_start:.1f} on {os.cpu_count()} cores: other work competes for them')
     print(f'run: {device}, batch {args.batch_size}, amp {args.amp}, median of {args.rounds} rounds '
           f'of {steps["a"]} (a) + {steps["b"]} (b) steps, after {args.warmup} warm-up round(s)')
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: '| ' + ' | '.join(x.ljust(w) for x, w in zip(r, widths)) + ' |'  # noqa: E731
-    print(line(header))
-    print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-    for r in rows:
-        print(line(r))
+    print_table(header, rows)
     print(f'check: same batch, same loss: (a) {loss_a:.6f}, (b) {loss_b:.6f}')
     print(f'(c) full COCO epoch ({COCO_CAPTIONS:,} captions) at batch {args.batch_size}: '
           f'(a) {hms(COCO_CAPTIONS / rate["a"])}, (b) {hms(COCO_CAPTIONS / rate["b"])}')

@@ -4,6 +4,7 @@
         train2014/img_000.png ...        small pictures: one coloured square on a coloured background
         annotations/captions_train2014.json   COCO layout: images, annotations (2 captions each)
 """
+import cpu_env  # noqa: F401  (first: the tests' own torch waits as the scripts' does)
 import contextlib
 import json
 import os
@@ -154,6 +155,19 @@ def run(script, *args, cwd=REPO, check=True, timeout=600):
     return proc
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (given to every test skipped without one): '
+                                       'bench/gpu_check.py runs `pytest -m cuda`')
+
+
+def pytest_collection_modifyitems(config, items):
+    # a test skipped for want of a GPU ("needs a CUDA device", "needs a GPU") is a CUDA test, whatever its name
+    for item in items:
+        reasons = [m.kwargs.get('reason', '').lower() for m in item.iter_markers('skipif')]
+        if any(r.startswith('needs a') and ('cuda' in r or 'gpu' in r) for r in reasons):
+            item.add_marker('cuda')
+
+
 @pytest.fixture(scope='session')
 def tiny_coco(tmp_path_factory):
     """(image_dir, caption_path) of a 12-picture, 24-caption COCO-format set."""
@@ -192,3 +206,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# my_LSTM's CPU paths: the fused one on each matmul library fused_lstm can call, and the plain one
+LSTM_PATHS = ['fused-mkl', 'fused-onednn', 'plain']
+
+
+def use_cpu_matmul(lib, monkeypatch):
+    """Make the fused path multiply on lib ('mkl' or 'onednn') for one test; skip where this
+    torch build lacks it."""
+    import torch
+
+    import fused_lstm
+    monkeypatch.setattr(fused_lstm, 'CPU_MATMUL', lib)
+    if fused_lstm.cpu_matmul(torch.zeros(1)) != lib:
+        pytest.skip(f'{lib} is not available in this torch build')
+
+
+@pytest.fixture(params=LSTM_PATHS)
+def lstm_path(request, monkeypatch):
+    """'fused' or 'plain': the path of my_LSTM a test runs, the fused one once per CPU matmul
+    library (fused_lstm.CPU_MATMUL, restored afterwards). 'auto' picks one library per CPU
+    vendor (oneDNN on AMD, MKL elsewhere), so without this an Intel machine never runs what
+    an AMD one does, and the other way round."""
+    if request.param == 'plain':
+        return 'plain'
+    use_cpu_matmul(request.param.split('-')[1], monkeypatch)
+    return 'fused'

@@ -6,6 +6,9 @@ on both paths (fused=True: fused_lstm.py; fused=False: DIY_LSTM's cell step by s
 import doctest
 import io
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_s
 
 import DIY_LSTM
 import fused_lstm
+from conftest import REPO, use_cpu_matmul
 from DIY_LSTM import lstm_layer, my_LSTM, my_LSTMCell
 from model import DecoderRNN
 
@@ -72,12 +76,6 @@ CONFIGS = [dict(num_layers=nl, bidirectional=bd, proj_size=ps, bias=b)
 INPUTS = ['dense', 'dense_batch_first', 'packed_sorted', 'packed_unsorted', 'unbatched']
 
 
-def use_cpu_matmul(lib, monkeypatch):
-    monkeypatch.setattr(fused_lstm, 'CPU_MATMUL', lib)
-    if fused_lstm.cpu_matmul(torch.zeros(1)) != lib:
-        pytest.skip(f'{lib} is not available in this torch build')
-
-
 @pytest.fixture(params=['mkl', 'onednn'])
 def cpu_matmul(request, monkeypatch):
     """Run the test on each CPU matmul library the fused path can call (fused_lstm.CPU_MATMUL)."""
@@ -85,15 +83,14 @@ def cpu_matmul(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=['fused-mkl', 'fused-onednn', 'plain'])
-def path(request, monkeypatch):
-    """fused: the value of my_LSTM's fused argument, for each path (and the fused one on each library)."""
-    if request.param == 'plain':
-        return False
-    use_cpu_matmul(request.param.split('-')[1], monkeypatch)
-    return True
+@pytest.fixture
+def path(lstm_path):
+    """my_LSTM's fused argument for each path: the fused one on each CPU matmul library, the plain one."""
+    return lstm_path == 'fused'
 
 
+# for tests where no float32 CPU matmul runs (float64, half precision, the meta device, CUDA):
+# CPU_MATMUL does not apply there, so each path runs once
 FUSED = pytest.mark.parametrize('fused', [True, False], ids=['fused', 'plain'])
 
 
@@ -106,8 +103,19 @@ def test_cpu_matmul_auto_follows_the_vendor(monkeypatch):
         assert fused_lstm.cpu_matmul(x) == expected, vendor
     assert fused_lstm.cpu_matmul(x.double()) == 'torch'           # float32 only
     monkeypatch.setattr(fused_lstm, 'CPU_MATMUL', 'blas')
-    with pytest.raises(ValueError, match="CPU_MATMUL must be 'auto', 'mkl' or 'onednn', got 'blas'"):
+    with pytest.raises(ValueError, match="LSTM_CPU_MATMUL in the environment. must be 'auto', 'mkl' or 'onednn', "
+                                         "got 'blas'"):
         my_LSTM(H_IN, H)(torch.randn(3, 2, H_IN))
+
+
+def test_cpu_matmul_from_the_environment():
+    """LSTM_CPU_MATMUL picks the library for a whole run (a bench, or the test suite on another path)."""
+    code = 'import fused_lstm; print(fused_lstm.CPU_MATMUL)'
+    for value, expected in (('onednn', 'onednn'), (None, 'auto')):
+        env = {k: v for k, v in os.environ.items() if k != 'LSTM_CPU_MATMUL'}
+        env.update({'LSTM_CPU_MATMUL': value} if value else {})
+        out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
 
 
 @pytest.mark.parametrize('with_hx', [False, True], ids=['no_hx', 'hx'])
@@ -142,6 +150,46 @@ def test_matches_nn_lstm(cfg, kind, with_hx, path):
         for name in ('batch_sizes', 'sorted_indices', 'unsorted_indices'):
             a, b = getattr(o1, name), getattr(o2, name)
             assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def edge_input(kind):
+    """(input maker, leaves, hx or None) for EDGES' inputs, with gradients wanted everywhere."""
+    g = torch.Generator().manual_seed(0)
+    if kind.startswith('packed_length_1'):
+        seqs = [torch.randn(1, H_IN, generator=g).requires_grad_() for _ in range(3)]
+        return (lambda: pack_sequence(seqs)), seqs, None
+    shape = {'empty_batch': (4, 0, H_IN), 'one_step': (1, 3, H_IN), 'one_step_batch_1': (1, 1, H_IN),
+             'batch_1': (6, 1, H_IN), 'non_contiguous': (6, 3, H_IN)}[kind.removesuffix('_hx')]
+    x = torch.randn(*shape, generator=g)
+    if kind == 'non_contiguous':
+        x = x.repeat_interleave(2, -1)[..., ::2]                     # same values, strided
+    x.requires_grad_()
+    hx = None
+    if kind.endswith('_hx'):
+        hx = tuple(torch.randn(2, shape[1], n, generator=g).requires_grad_() for n in (3, H))
+    return (lambda: x), [x], hx
+
+
+# the edges where a matmul runs over zero rows (an empty batch; the backward's d W_hh over
+# the steps after the first, of which a one-step sequence has none) or over odd layouts
+EDGES = ['empty_batch', 'empty_batch_hx', 'one_step', 'one_step_hx', 'one_step_batch_1', 'batch_1',
+         'packed_length_1', 'non_contiguous']
+
+
+@pytest.mark.parametrize('kind', EDGES)
+def test_edges_match_nn_lstm(kind, path):
+    """Two layers with a projection (with hx: one bidirectional layer), forward and backward."""
+    torch.manual_seed(0)
+    cfg = dict(bidirectional=True, proj_size=3) if kind.endswith('_hx') else dict(num_layers=2, proj_size=3)
+    ref = nn.LSTM(H_IN, H, **cfg)
+    m = my_LSTM.from_lstm(ref, fused=path)
+    make, leaves, hx = edge_input(kind)
+    (_, d1, h1, c1, g1), (_, d2, h2, c2, g2) = run_both(ref, m, make, leaves, hx)
+    for a, b in zip([d1, h1, c1] + g1, [d2, h2, c2] + g2):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for k, grad in lstm_grads(m).items():
+        torch.testing.assert_close(grad, ref.get_parameter(k).grad, atol=1e-5, rtol=1e-5, msg=lambda s: f'{k}: {s}')
 
 
 @FUSED
@@ -376,7 +424,7 @@ def _update(how, m, x):
 
 @pytest.mark.parametrize('how', ['fused_adam', 'foreach_adam', 'sgd', 'data_assign', 'data_copy',
                                  'load_state_dict', 'new_parameter', 'new_linear', 'to'])
-def test_no_grad_forward_sees_every_weight_update(how):
+def test_no_grad_forward_sees_every_weight_update(how, cpu_matmul):
     """The fused path reads the parameters' own memory: never yesterday's weights."""
     torch.manual_seed(0)
     m = my_LSTM(H_IN, H)
@@ -401,7 +449,7 @@ def test_no_grad_forward_sees_every_weight_update(how):
         torch.testing.assert_close(g, ref.get_parameter(k).grad, atol=1e-5, rtol=1e-5)
 
 
-def test_decoder_trained_with_fused_adam_decodes_like_the_plain_path():
+def test_decoder_trained_with_fused_adam_decodes_like_the_plain_path(cpu_matmul):
     """Train a tiny DecoderRNN with fused Adam, decode greedily under no_grad between steps:
     the fused path's tokens and states are the plain path's (stale weights would differ)."""
     torch.manual_seed(0)
@@ -432,17 +480,16 @@ def test_decoder_trained_with_fused_adam_decodes_like_the_plain_path():
     assert len(seen) > 1                           # training did change what it says
 
 
-@FUSED
-def test_dropout_only_in_training(fused):
+def test_dropout_only_in_training(path):
     torch.manual_seed(0)
     ref = nn.LSTM(H_IN, H, num_layers=3, dropout=1.0)
-    m = my_LSTM.from_lstm(ref, fused=fused)
+    m = my_LSTM.from_lstm(ref, fused=path)
     x = torch.randn(4, 2, H_IN)
     # p = 1 zeroes every layer's output but the last: deterministic, so comparable
     for mode in (True, False):
         ref.train(mode), m.train(mode)
         torch.testing.assert_close(m(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
-    m = my_LSTM(H_IN, H, num_layers=2, dropout=0.5, fused=fused)
+    m = my_LSTM(H_IN, H, num_layers=2, dropout=0.5, fused=path)
     m.eval()
     torch.testing.assert_close(m(x)[0], m(x)[0])
     m.train()
@@ -689,7 +736,7 @@ def test_cuda_module_moves():
     torch.testing.assert_close(out, m.to_lstm()(x)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_pad_packed_roundtrip_lengths():
+def test_pad_packed_roundtrip_lengths(cpu_matmul):
     """The packed output unpacks to the caller's order, zeros past each length."""
     torch.manual_seed(0)
     m = my_LSTM(H_IN, H, batch_first=True)
@@ -722,7 +769,7 @@ def test_autocast_bf16_runs_in_bf16_and_trains_float32_weights(fused):
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
-def test_eval_switch_after_fused_adam():
+def test_eval_switch_after_fused_adam(cpu_matmul):
     """Fused Adam updates weights without bumping version counters; eval() must still see them."""
     torch.manual_seed(0)
     m = my_LSTM(4, 8)
@@ -741,7 +788,7 @@ def test_eval_switch_after_fused_adam():
     assert not torch.allclose(before, after)
 
 
-def test_fused_switch():
+def test_fused_switch(cpu_matmul):
     """fused is an argument and an attribute, shown by repr when off, not kept in the state dict."""
     torch.manual_seed(0)
     m = my_LSTM(H_IN, H, num_layers=2, bidirectional=True)
@@ -759,7 +806,7 @@ def test_fused_switch():
     assert plain.fused is False
 
 
-def test_per_gate_weight_norm_on_both_paths():
+def test_per_gate_weight_norm_on_both_paths(cpu_matmul):
     """What nn.LSTM does by name (weight_norm(lstm, 'weight_hh_l0')) is done per gate here."""
     torch.manual_seed(0)
     m = my_LSTM(H_IN, H)

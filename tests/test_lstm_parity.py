@@ -13,8 +13,8 @@ The cases are those of pytorch/pytorch, rewritten as parity checks:
 Each case builds the nn.LSTM (or nn.LSTMCell) the PyTorch test builds, copies its weights
 into ours, and asserts the same outputs, the same gradients (input, h_0, c_0 and every
 parameter), the same exception types and the same warnings. Every case that runs
-my_LSTM's forward runs it on both paths: the fused default and the plain one
-(``m.fused = False``).
+my_LSTM's forward runs it on both paths: the fused default, once on each CPU matmul library
+(conftest.lstm_path), and the plain one (``m.fused = False``).
 
     python -m pytest tests/test_lstm_parity.py -q
 """
@@ -44,10 +44,14 @@ def seeded():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=['fused', 'plain'])
-def path(request):
-    """Which of my_LSTM's two paths a case runs: the fused default or the plain cell loop."""
-    return request.param
+@pytest.fixture
+def path(lstm_path):
+    """Which of my_LSTM's paths a case runs: 'fused' (once per CPU matmul library) or 'plain'."""
+    return lstm_path
+
+
+# on CUDA the CPU matmul library does not apply: each path once
+CUDA_PATHS = pytest.mark.parametrize('path', ['fused', 'plain'])
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -1119,6 +1123,7 @@ class OnDevice(nn.Module):
 
 
 @CUDA
+@CUDA_PATHS
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=['f32', 'f64'])
 @pytest.mark.parametrize('kind', ['dense', 'packed_unsorted'])
 @pytest.mark.parametrize('cfg', [pytest.param(dict(), id='uni'),
@@ -1142,6 +1147,7 @@ def test_cpu_cuda_parity(cfg, kind, dtype, path, monkeypatch):
 
 
 @CUDA
+@CUDA_PATHS
 def test_multiple_device_transfer(path):
     ref = nn.LSTM(4, 5, 2, bidirectional=True).double()
     m = mine(ref, path)
@@ -1158,6 +1164,7 @@ def test_multiple_device_transfer(path):
 
 
 @CUDA
+@CUDA_PATHS
 def test_device_mismatch_raises(path):
     """test_rnn_check_device on one GPU: input, hidden state and weights on different devices."""
     ref, ref_cuda = nn.LSTM(3, 5, 2), nn.LSTM(3, 5, 2).cuda()
