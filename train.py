@@ -783,10 +783,10 @@ def main(argv=None):
     master = rank == 0  # only rank 0 prints and writes
     stop, lock = StopSignals(), None
     try:
-        if master:
-            print(vars(args))
-            lock = claim_model_path(args.model_path)
         try:
+            if master:
+                print(vars(args))
+                lock = claim_model_path(args.model_path)
             model, ddp, optimizer, scaler, progress, train_set, val_set = set_up(args, rank, world_size, device, master)
             sampler, val_loader, loader_kw = make_loaders(args, train_set, val_set, world_size, rank, device)
         except KeyboardInterrupt:
