@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from checkpoint import EncoderWeightsError, add_decoding_args, add_model_args, load_captioner
-from data_loader import load_coco, load_image
+from coco import load_coco
+from data_loader import load_image
 from metrics import format_scores, score_captions
 from utils import HelpFormatter, atomic_write, fail, why_not_writable
 

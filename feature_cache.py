@@ -57,8 +57,8 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 import data_loader
-from data_loader import (IMAGENET_MEAN, IMAGENET_STD, encode_caption, existing_images, image_transform, load_coco,
-                         open_rgb)
+from coco import existing_images, load_coco
+from data_loader import IMAGENET_MEAN, IMAGENET_STD, encode_caption, image_transform, open_rgb
 from utils import atomic_write, file_sha256, remove_stale_temporaries
 from vocab import tokenize
 
@@ -217,7 +217,7 @@ class FeatureCache:
     Attributes:
         features: after load/build, the read-only np.memmap of shape (V, N, D), float32
         image_ids: list of N COCO image ids, the rows in order: the captioned images whose
-            picture is in `root` (data_loader.existing_images)
+            picture is in `root` (coco.existing_images)
         row: dict COCO image id -> row
         coco: the pycocotools COCO of `json` (loaded on first use)
 
