@@ -140,8 +140,12 @@ class CocoDataset(data.Dataset):
         image_id = self.coco.anns[self.ids[index]]['image_id']
         return os.path.join(self.root, self.coco.loadImgs(image_id)[0]['file_name'])
 
+    def caption(self, index):
+        """Item index's caption alone, LongTensor (L,): no picture is opened."""
+        return encode_caption(self.coco.anns[self.ids[index]]['caption'], self.vocab)
+
     def __getitem__(self, index):
-        caption = encode_caption(self.coco.anns[self.ids[index]]['caption'], self.vocab)
+        caption = self.caption(index)
         path = self.image_path(index)
         if not os.path.exists(path):
             raise FileNotFoundError(
