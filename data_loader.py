@@ -12,9 +12,10 @@ import zlib
 import torch
 import torch.utils.data as data
 import torchvision.transforms as T
-from PIL import Image, ImageOps
+from PIL import Image
 
 from coco import existing_images, load_coco  # noqa: F401 -- also importable from here, as before
+from images import open_rgb, to_rgb  # noqa: F401 -- likewise
 from vocab import tokenize
 
 # ImageNet's statistics: the frozen ResNet was trained on images normalised this way
@@ -51,26 +52,6 @@ def image_transform(crop_size, train):
     """
     crop = [T.RandomCrop(crop_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(crop_size)]
     return T.Compose([AtLeast(crop_size)] + crop + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def to_rgb(image):
-    """Any image Pillow opens -> an upright RGB image (the ResNet wants 3 channels)."""
-    image = ImageOps.exif_transpose(image)  # phone photos are stored sideways, with an EXIF 'rotate' tag
-    if image.mode.startswith('I'):  # 16-bit grayscale: 0..65535 -> 0..255 (convert would clip it to white)
-        image = image.point(lambda v: v / 256).convert('L')
-    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-        # composite on white, as the picture looks on a web page; dropping the alpha
-        # channel would show whatever colour the transparent pixels happen to hold
-        image = image.convert('RGBA')
-        image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image)
-    return image.convert('RGB')  # grayscale, palette and CMYK too
-
-
-def open_rgb(path):
-    """Open an image file as upright RGB (what resize.py writes, and what sampling reads)."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
 
 
 def load_image(path, image_size, crop_size):

@@ -19,7 +19,7 @@ from multiprocessing import Pool
 
 from PIL import Image
 
-from data_loader import to_rgb
+from images import to_rgb
 from progress import Progress
 from utils import HelpFormatter, atomic_write, fail, remove_stale_temporaries, why_not_writable
 

@@ -18,6 +18,13 @@ def test_build_vocab_counts_words_without_importing_torch(tmp_path):
     assert out.strip().splitlines()[-1] == '[]'
 
 
+def test_resize_needs_no_torch():
+    # each of its processes would carry torch's memory, to resize pictures with Pillow
+    code = 'import sys, resize; print(sorted(m for m in ("torch", "torchvision") if m in sys.modules))'
+    out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == '[]'
+
+
 def test_validation_encodes_each_picture_once_and_gives_the_per_caption_loss(tmp_path):
     import torch
     import torch.nn as nn
@@ -59,3 +66,55 @@ def test_validation_encodes_each_picture_once_and_gives_the_per_caption_loss(tmp
     # a trial run's slice: the first pictures, with all their captions
     short = train.PictureCaptions(val_set, limit=2)
     assert (len(short), short.available) == (2, 7) and [len(c) for _, c in (short[0], short[1])] == [2, 2]
+
+
+def run_logged(log, script, *args, env=None):
+    """Run a script with stdout and stderr into a file, as `nohup python SCRIPT > log` does."""
+    with open(log, 'w') as f:
+        subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO, stdout=f,
+                       stderr=subprocess.STDOUT, env=env, check=True, timeout=600)
+    with open(log) as f:
+        return f.read()
+
+
+def progress_lines(text, desc):
+    return [line for line in text.splitlines() if line.startswith(f'{desc}: ')]
+
+
+def test_every_long_stage_shows_progress_in_a_log_file(tmp_path):
+    """The whole pipeline on a COCO-shaped set (bench/make_coco.py --quick), stdout into files."""
+    root, env = tmp_path / 'coco', dict(os.environ, PROGRESS_INTERVAL_S='0')  # 0: a line every 5%
+    subprocess.run([sys.executable, os.path.join(REPO, 'bench', 'make_coco.py'), '--quick', '--root', root],
+                   check=True, capture_output=True)
+    ann = root / 'annotations'
+    log = run_logged(tmp_path / 'vocab.log', 'build_vocab.py', '--caption_path', ann / 'captions_train2014.json',
+                     '--vocab_path', tmp_path / 'vocab.pkl', '--threshold', 1, env=env)
+    assert len(progress_lines(log, 'tokenizing captions')) > 5
+    for split in ('train', 'val'):
+        log = run_logged(tmp_path / f'resize_{split}.log', 'resize.py', '--image_dir', root / f'{split}2014',
+                         '--output_dir', root / f'resized_{split}', '--image_size', 40, env=env)
+        lines = progress_lines(log, 'resizing')
+        assert len(lines) > 5 and '%' in lines[0] and 'left' in lines[0] and 'in all' in lines[-1]
+
+    models = tmp_path / 'models'
+    log = run_logged(tmp_path / 'train.log', 'train.py', '--encoder_weights', 'none', '--crop_size', 32,
+                     '--image_size', 40, '--image_dir', root / 'resized_train', '--caption_path',
+                     ann / 'captions_train2014.json', '--val_image_dir', root / 'resized_val', '--val_caption_path',
+                     ann / 'captions_val2014.json', '--vocab_path', tmp_path / 'vocab.pkl', '--model_path', models,
+                     '--batch_size', 16, '--max_steps', 3, '--feature_cache', 'on', '--cache_views', 2,
+                     '--select_by', 'bleu4', '--select_subset', 10, '--recalibrate_bn', 2, env=env)
+    for desc in ('feature cache', 'encoding captions', 'recalibrating bn', 'validating',
+                 'captioning for --select_by bleu4'):
+        assert progress_lines(log, desc), f'no {desc!r} lines in\n{log}'
+    assert len(progress_lines(log, 'encoding captions')) > 5
+    # 3 steps of 16 captions: validated on about as many captions, 5 a picture, of the 20 val pictures
+    assert 'validating on the first 9 of 20 validation pictures (a trial run' in log
+    assert progress_lines(log, 'validating')[-1].startswith('validating: 9/9 pictures')
+    assert 'metrics: BLEU on 10 images: ' in log
+
+    log = run_logged(tmp_path / 'evaluate.log', 'evaluate.py', '--checkpoint', models / 'best.pt', '--image_dir',
+                     root / 'resized_val', '--caption_path', ann / 'captions_val2014.json', '--batch_size', 4,
+                     env=env)
+    assert len(progress_lines(log, 'captioning')) > 3
+    for scorer in ('BLEU', 'METEOR', 'ROUGE_L', 'CIDEr'):
+        assert f'metrics: {scorer} on 20 images...' in log and f'metrics: {scorer} on 20 images: ' in log
