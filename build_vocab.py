@@ -10,9 +10,8 @@ import argparse
 import os
 from collections import Counter
 
-from tqdm import tqdm
-
-from data_loader import load_coco
+from coco import load_coco
+from progress import progress
 from utils import HelpFormatter, fail
 from vocab import SPECIAL_TOKENS, Vocabulary, save_vocab, tokenize
 
@@ -22,7 +21,7 @@ PROG = 'build_vocab.py'
 def count_words(coco):
     """Counter of every token in every caption of a pycocotools COCO object."""
     counter = Counter()
-    for ann in tqdm(coco.anns.values(), desc='tokenizing captions', unit=' captions', disable=None):
+    for ann in progress(coco.anns.values(), desc='tokenizing captions', unit='captions'):
         counter.update(tokenize(ann['caption']))
     return counter
 

@@ -21,11 +21,12 @@ import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from checkpoint import EncoderWeightsError, add_decoding_args, add_model_args, load_captioner
-from data_loader import load_coco, load_image, worker_init_fn
+from coco import load_coco
+from data_loader import load_image, worker_init_fn
 from metrics import format_scores, score_captions
+from progress import Progress
 from utils import HelpFormatter, atomic_write, fail, why_not_writable
 
 PROG = 'evaluate.py'
@@ -145,13 +146,13 @@ class EvalImages(Dataset):
 
 @torch.no_grad()
 def caption_images(captioner, loader, device, beam_size, length_penalty, max_seq_length):
-    """Caption every image of the loader -> {image_id: caption}, with a progress bar."""
+    """Caption every image of the loader -> {image_id: caption}, showing progress."""
     results = {}
-    with tqdm(total=len(loader.dataset), desc='captioning', unit='img', disable=None) as bar:  # on a terminal only
+    with Progress(total=len(loader.dataset), desc='captioning', unit='images') as bar:
         for images, image_ids, errors in loader:
             bad = [e for e in errors if e]
             if bad:
-                bar.close()
+                bar.close(quiet=True)
                 fail(PROG, f'{bad[0]}: re-run resize.py on it, or remove it from the caption file')
             features = captioner.encoder(images.to(device, non_blocking=True))  # (N, E)
             ids = captioner.decoder.generate(features, beam_size=beam_size, length_penalty=length_penalty,
@@ -235,7 +236,7 @@ def main(argv=None):
     for i in list(results)[:3]:
         print(f'  {i}: {results[i]}')
 
-    scores, skipped = score_captions({i: refs[i] for i in results}, results)
+    scores, skipped = score_captions({i: refs[i] for i in results}, results, verbose=True)
     print(f'\nCOCO caption metrics (pycocoevalcap) on {len(results)} images of {label}, beam size {args.beam_size}; '
           f'scores on the 0-100 scale of papers (pycocoevalcap\'s 0-1 values x 100):')
     print(format_scores(scores, skipped))

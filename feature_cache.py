@@ -54,11 +54,11 @@ import numpy as np
 import torch
 import torch.utils.data as data
 import torchvision.transforms.functional as TF
-from tqdm import tqdm
 
 import data_loader
-from data_loader import (IMAGENET_MEAN, IMAGENET_STD, encode_caption, existing_images, image_transform, load_coco,
-                         open_rgb, worker_init_fn)
+from coco import existing_images, load_coco
+from data_loader import IMAGENET_MEAN, IMAGENET_STD, encode_caption, image_transform, open_rgb, worker_init_fn
+from progress import Progress
 from utils import atomic_write, file_sha256, remove_stale_temporaries
 from vocab import tokenize
 
@@ -77,12 +77,22 @@ def _digest(*parts):
     return hashlib.sha256(jsonlib.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def _rank_zero():
+    """True in the process that speaks for the run (rank 0 under torchrun, or the only one)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_rank() != 0)
+
+
 def _say(message):
     """One line on stdout from the process that does the work (rank 0 under torchrun)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_rank() != 0:
-        return
-    print(f'feature cache: {message}', flush=True)
+    if _rank_zero():
+        print(f'feature cache: {message}', flush=True)
+
+
+def _progress(iterable=None, total=None, desc='', unit=''):
+    """progress.Progress on rank 0; silent on the other ranks, which do the same work."""
+    speak = None if _rank_zero() else False
+    return Progress(iterable, total=total, desc=desc, unit=unit, bar=speak, lines=speak)
 
 
 def native_bf16(device='cpu'):
@@ -217,7 +227,7 @@ class FeatureCache:
     Attributes:
         features: after load/build, the read-only np.memmap of shape (V, N, D), float32
         image_ids: list of N COCO image ids, the rows in order: the captioned images whose
-            picture is in `root` (data_loader.existing_images)
+            picture is in `root` (coco.existing_images)
         row: dict COCO image id -> row
         coco: the pycocotools COCO of `json` (loaded on first use)
 
@@ -491,8 +501,7 @@ class FeatureCache:
 
     def _fill(self, out, encoder, device, loader):
         """Run the ResNet over every batch of views, writing into out: (V, N, D)."""
-        bar = tqdm(total=out.shape[1], unit='img', desc='feature cache', disable=not sys.stderr.isatty(),
-                   leave=False, dynamic_ncols=True)
+        bar = _progress(total=out.shape[1], desc='feature cache', unit='images')
         # Channels-last (NHWC) is the layout cuDNN's and oneDNN's fast convolutions work in, above
         # all their bf16 ones. On the CPU in float32 the ResNet keeps train.py's NCHW, so that the
         # cached features are the ones the pictures give there, to the last rounding.
@@ -571,8 +580,7 @@ class FeatureDataset(data.Dataset):
         except (OSError, ValueError, KeyError):
             pass  # not there yet, or unreadable: encode again
         coco, lengths, chunks = cache.coco, [], []
-        for ann_id in tqdm(self.ids.tolist(), desc='encoding captions', unit='cap', leave=False,
-                           disable=not sys.stderr.isatty(), dynamic_ncols=True):
+        for ann_id in _progress(self.ids.tolist(), desc='encoding captions', unit='captions'):
             ids = encode_caption(coco.anns[ann_id]['caption'], vocab)  # exactly CocoDataset's
             chunks.append(ids.numpy())
             lengths.append(len(ids))
@@ -608,8 +616,11 @@ class FeatureDataset(data.Dataset):
             assert self._features.shape == self.shape, f'{self.path} changed under a running job'
         # np.array copies the 8 KB row out of the read-only map: torch wants writable memory
         feature = torch.from_numpy(np.array(self._features[self.view(index), self.rows[index]]))  # (D,)
-        caption = torch.from_numpy(self.tokens[self.offsets[index]:self.offsets[index + 1]].astype(np.int64))
-        return feature, caption
+        return feature, self.caption(index)
+
+    def caption(self, index):
+        """Item index's caption alone, LongTensor (L,) (as CocoDataset.caption)."""
+        return torch.from_numpy(self.tokens[self.offsets[index]:self.offsets[index + 1]].astype(np.int64))
 
     def __len__(self):
         return len(self.ids)

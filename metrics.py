@@ -43,6 +43,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import unicodedata
 
 __all__ = ['ptb_tokenize', 'score_captions', 'format_scores', 'bleu4', 'cider_d', 'METRIC_NAMES', 'PUNCTUATIONS']
@@ -301,7 +302,20 @@ def ptb_tokenize(text):
 # Scoring
 # ---------------------------------------------------------------------------------------
 
-def _prepare(gts, res, tokenizer):
+@contextlib.contextmanager
+def _timed(what, verbose):
+    """With verbose, a line before and after the block, with its time: the slow scorers take
+    minutes on all of val2014, and a log file should not look stuck meanwhile."""
+    if not verbose:
+        yield
+        return
+    print(f'metrics: {what}...', flush=True)
+    tic = time.perf_counter()
+    yield
+    print(f'metrics: {what}: {time.perf_counter() - tic:.1f} s', flush=True)
+
+
+def _prepare(gts, res, tokenizer, verbose=False):
     """Check the inputs; return (ids, gts, res) tokenised, in pycocoevalcap's format.
 
     The images scored are those in ``res`` (as in COCO's evaluation); each must have
@@ -331,10 +345,12 @@ def _prepare(gts, res, tokenizer):
         refs[i], cands[i] = [str(x) for x in r], str(c)
 
     if tokenizer == 'python':
-        refs = {i: [ptb_tokenize(x) for x in r] for i, r in refs.items()}
-        cands = {i: [ptb_tokenize(c)] for i, c in cands.items()}
+        with _timed(f'tokenizing {sum(map(len, refs.values())) + len(cands)} captions', verbose):
+            refs = {i: [ptb_tokenize(x) for x in r] for i, r in refs.items()}
+            cands = {i: [ptb_tokenize(c)] for i, c in cands.items()}
     elif tokenizer == 'ptb':
-        refs, cands = _java_ptb_tokenize(ids, refs, cands)
+        with _timed('tokenizing with the Java PTBTokenizer', verbose):
+            refs, cands = _java_ptb_tokenize(ids, refs, cands)
     elif tokenizer is None:                             # already tokenised by the caller
         cands = {i: [c] for i, c in cands.items()}
     else:
@@ -412,7 +428,7 @@ def _normalize_metrics(metrics):
     return names
 
 
-def score_captions(gts, res, metrics=DEFAULT_METRICS, tokenizer='python'):
+def score_captions(gts, res, metrics=DEFAULT_METRICS, tokenizer='python', verbose=False):
     """Score generated captions against references with pycocoevalcap's scorers.
 
     Args:
@@ -423,6 +439,8 @@ def score_captions(gts, res, metrics=DEFAULT_METRICS, tokenizer='python'):
         tokenizer: 'python' (default): ptb_tokenize, no Java; 'ptb': pycocoevalcap's
             Java PTBTokenizer (RuntimeError if Java is missing); None: the captions
             are already tokenised (lower-case, space-separated).
+        verbose: print a line on stdout before and after each stage (tokenizing, each
+            scorer), with its time. Default: False
 
     Returns:
         (scores, skipped):
@@ -433,49 +451,57 @@ def score_captions(gts, res, metrics=DEFAULT_METRICS, tokenizer='python'):
           {'METEOR': 'java not found on PATH'}.
     """
     names = _normalize_metrics(metrics)
-    ids, refs, cands = _prepare(gts, res, tokenizer)
+    ids, refs, cands = _prepare(gts, res, tokenizer, verbose)
     scores, skipped = {}, {}
     for name in names:
-        if name == 'BLEU':
-            from pycocoevalcap.bleu.bleu import Bleu
-            bleus, _ = Bleu(4).compute_score(refs, cands, verbose=0)   # verbose=0: no 'ratio:' prints
-            scores.update({f'BLEU-{n + 1}': 100.0 * float(b) for n, b in enumerate(bleus)})
-        elif name == 'METEOR':
-            try:
-                scores['METEOR'] = 100.0 * _run_meteor(refs, cands)
-            except RuntimeError as e:
-                skipped['METEOR'] = str(e)
-        elif name == 'ROUGE_L':
-            from pycocoevalcap.rouge.rouge import Rouge
-            scores['ROUGE-L'] = 100.0 * float(Rouge().compute_score(refs, cands)[0])
-        elif name == 'CIDEr':
-            from pycocoevalcap.cider.cider import Cider
-            scores['CIDEr-D'] = 100.0 * float(Cider().compute_score(refs, cands)[0])
+        with _timed(f'{name} on {len(ids)} images', verbose):
+            _score(name, refs, cands, scores, skipped)
     # same order whatever order the metrics were asked in
     scores = {k: scores[k] for k in METRIC_NAMES if k in scores}
     return scores, skipped
 
 
-def bleu4(gts, res):
+def _score(name, refs, cands, scores, skipped):
+    """Run one pycocoevalcap scorer, putting its numbers into scores (or why not into skipped)."""
+    if name == 'BLEU':
+        from pycocoevalcap.bleu.bleu import Bleu
+        bleus, _ = Bleu(4).compute_score(refs, cands, verbose=0)   # verbose=0: no 'ratio:' prints
+        scores.update({f'BLEU-{n + 1}': 100.0 * float(b) for n, b in enumerate(bleus)})
+    elif name == 'METEOR':
+        try:
+            scores['METEOR'] = 100.0 * _run_meteor(refs, cands)
+        except RuntimeError as e:
+            skipped['METEOR'] = str(e)
+    elif name == 'ROUGE_L':
+        from pycocoevalcap.rouge.rouge import Rouge
+        scores['ROUGE-L'] = 100.0 * float(Rouge().compute_score(refs, cands)[0])
+    elif name == 'CIDEr':
+        from pycocoevalcap.cider.cider import Cider
+        scores['CIDEr-D'] = 100.0 * float(Cider().compute_score(refs, cands)[0])
+
+
+def bleu4(gts, res, verbose=False):
     """Corpus BLEU-4 (0-100) with the python tokenizer: the quick score for model selection.
 
     Same inputs as score_captions; same number as its 'BLEU-4'.
     """
     from pycocoevalcap.bleu.bleu import Bleu
-    _, refs, cands = _prepare(gts, res, 'python')
-    bleus, _ = Bleu(4).compute_score(refs, cands, verbose=0)
+    _, refs, cands = _prepare(gts, res, 'python', verbose)
+    with _timed(f'BLEU on {len(cands)} images', verbose):
+        bleus, _ = Bleu(4).compute_score(refs, cands, verbose=0)
     return 100.0 * float(bleus[3])
 
 
-def cider_d(gts, res):
+def cider_d(gts, res, verbose=False):
     """CIDEr-D (0-100) with the python tokenizer, for model selection; same as score_captions' 'CIDEr-D'.
 
     Its idf comes from the references of the images scored: compare values only across
     models scored on the same images.
     """
     from pycocoevalcap.cider.cider import Cider
-    _, refs, cands = _prepare(gts, res, 'python')
-    return 100.0 * float(Cider().compute_score(refs, cands)[0])
+    _, refs, cands = _prepare(gts, res, 'python', verbose)
+    with _timed(f'CIDEr on {len(cands)} images', verbose):
+        return 100.0 * float(Cider().compute_score(refs, cands)[0])
 
 
 def format_scores(scores, skipped=None):

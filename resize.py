@@ -17,9 +17,9 @@ import sys
 from multiprocessing import Pool
 
 from PIL import Image
-from tqdm import tqdm
 
-from data_loader import to_rgb
+from images import to_rgb
+from progress import Progress
 from utils import HelpFormatter, atomic_write, fail, leave_signals_to_parent, remove_stale_temporaries, why_not_writable
 
 PROG = 'resize.py'
@@ -106,12 +106,15 @@ def main(argv=None):
     parser.add_argument('--output_dir', type=str, default='./data/resized2014/',
                         help='directory for saving resized images')
     parser.add_argument('--image_size', type=int, default=256, help='size for image after processing')
-    parser.add_argument('--num_workers', type=int, default=os.cpu_count() or 1,
-                        help='processes resizing in parallel (0 or 1: resize in this process); every core, '
-                             'unlike train.py and evaluate.py, whose loaders share the machine with the model')
+    parser.add_argument('--num_workers', type=int, default=None,
+                        help='processes resizing in parallel (0 or 1: resize in this process); not given: one '
+                             'per core, unlike train.py and evaluate.py, whose loaders share the machine with '
+                             'the model')
     args = parser.parse_args(argv)
     if args.image_size < 1:
         parser.error(f'--image_size must be at least 1, got {args.image_size}')
+    if args.num_workers is None:
+        args.num_workers = os.cpu_count() or 1
     if args.num_workers < 0:
         parser.error(f'--num_workers must be at least 0, got {args.num_workers}')
     print(vars(args))
@@ -140,8 +143,7 @@ def main(argv=None):
     counts, bad, unwritable = {'resized': 0, 'done': 0, 'bad': 0}, [], None
     results = run_all(work, names, args.num_workers)
     try:
-        # the bar only on a terminal: in a log file its redraws are noise
-        with tqdm(results, total=len(names), desc='resizing', unit=' images', disable=None) as bar:
+        with Progress(results, total=len(names), desc='resizing', unit='images') as bar:
             for status, name, why in bar:
                 if status == 'unwritable':
                     unwritable = os.path.join(args.output_dir, name), why
@@ -149,7 +151,7 @@ def main(argv=None):
                 counts[status] += 1
                 if status == 'bad':
                     bad.append(name)
-                    tqdm.write(f'warning: skipped {name}: not an image or corrupt ({why})', file=sys.stderr)
+                    bar.write(f'warning: skipped {name}: not an image or corrupt ({why})', file=sys.stderr)
     except KeyboardInterrupt:
         stop(results, args.output_dir)
         # finished images are complete files (see resize_one), so nothing is lost

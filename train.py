@@ -29,13 +29,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils.rnn import pack_padded_sequence
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from checkpoint import (EncoderWeightsError, build_encoder, encoder_id, encoder_spec, encoder_state,
                         load_checkpoint, load_ours, save_checkpoint)
 from data_loader import CocoDataset, collate_fn, image_transform, worker_init_fn
 from model import DecoderRNN
+from progress import progress as show_progress  # train.py's Progress is the run's position
 from utils import HelpFormatter, atomic_write, fail, pid_alive, remove_stale_temporaries, why_not_writable
 from vocab import load_vocab
 
@@ -282,13 +283,14 @@ def make_loaders(args, train_set, val_set, world_size, rank, device):
     DistributedSampler also serves one process: its order is a function of (seed, epoch)
     alone, which is what lets a resumed run see exactly the batches it would have seen."""
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    val_sampler = DistributedSampler(val_set, num_replicas=world_size, rank=rank, shuffle=False)
+    val_pictures = PictureCaptions(val_set, trial_pictures(args))  # validation batches are pictures
+    val_sampler = DistributedSampler(val_pictures, num_replicas=world_size, rank=rank, shuffle=False)
     loader_kw = dict(collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=device.type == 'cuda',
                      worker_init_fn=worker_init_fn)
     # the validation loader lives through the run, so its workers can too; the training loader is
     # made anew each epoch (a resumed epoch starts at its batch), and its workers with it
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler,
-                            persistent_workers=args.num_workers > 0, **loader_kw)
+    val_loader = DataLoader(val_pictures, batch_size=args.batch_size, sampler=val_sampler,
+                            persistent_workers=args.num_workers > 0, **dict(loader_kw, collate_fn=collate_pictures))
     return sampler, val_loader, loader_kw
 
 
@@ -419,18 +421,86 @@ def train_one_epoch(ddp, loader, optimizer, scaler, progress, args, device, stop
     return 'done'
 
 
+class PictureCaptions(Dataset):
+    """Validation items, one per picture with all its captions, so that the frozen ResNet runs
+    once per picture rather than once per caption (COCO has 5 captions a picture).
+
+    Args:
+        dataset: CocoDataset or FeatureDataset (with centre crops), or a Subset of one
+        limit: keep only the first this many pictures (a trial run's short validation). Default: None
+
+    Outputs: input, captions
+        * input: the picture (3, crop, crop), or its cached feature (2048,)
+        * captions: list of LongTensors (L_i,), the picture's captions, in item order
+    """
+
+    def __init__(self, dataset, limit=None):
+        base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) \
+            else (dataset, range(len(dataset)))
+        item_images, groups = base.item_image_ids(), {}
+        for i in indices:
+            groups.setdefault(item_images[i], []).append(i)
+        self.base, self.groups, self.available = base, list(groups.values())[:limit], len(groups)
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __getitem__(self, index):
+        items = self.groups[index]
+        return self.base[items[0]][0], [self.base.caption(i) for i in items]
+
+
+def collate_pictures(data):
+    """Batch PictureCaptions items: every caption with the position of its picture.
+
+    Returns:
+        inputs: (P, 3, H, W) pictures or (P, D) features
+        owner: LongTensor (N,): caption n belongs to inputs[owner[n]]
+        targets, lengths: as collate_fn's, longest caption first
+    where: P = pictures in the batch, N = their captions
+    """
+    inputs = torch.stack([item[0] for item in data])
+    owner, targets, lengths = collate_fn([(torch.tensor(p), c) for p, (_, captions) in enumerate(data)
+                                          for c in captions])
+    return inputs, owner, targets, lengths
+
+
+def trial_pictures(args):
+    """How many validation pictures a trial run (--dry_run, --max_steps) validates on: about
+    one per 5 captions it trains on, so that validating takes no longer than training did;
+    None (all of them) for a real run."""
+    steps = 1 if args.dry_run else args.max_steps
+    return max(1, steps * args.batch_size // 5) if steps else None
+
+
+def speaks():
+    """True in the process that prints (rank 0 under torchrun, or the only one)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 @torch.no_grad()
 def validate(model, loader, device, args):
-    """Mean cross-entropy per predicted token over the validation captions, and its exp."""
+    """Mean cross-entropy per predicted token over the validation captions, and its exp.
+
+    `loader` yields collate_pictures batches: each picture is encoded once, and its embedding
+    goes with each of its captions."""
+    pictures = loader.dataset
+    if len(pictures) < pictures.available and speaks():
+        print(f'validating on the first {len(pictures)} of {pictures.available} validation pictures '
+              f'(a trial run: --dry_run or --max_steps)', flush=True)
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction='sum')
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    for inputs, captions, lengths in loader:
-        inputs, captions = inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-        targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-        with torch.autocast(device.type, dtype=amp_dtype(args), enabled=args.amp != 'off'):
-            total += criterion(model(inputs, captions, lengths).float(), targets)
-        count += len(targets)
+    quiet = None if speaks() else False
+    with show_progress(total=len(loader.sampler), desc='validating', unit='pictures', bar=quiet, lines=quiet) as bar:
+        for inputs, owner, captions, lengths in loader:
+            inputs, captions = inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+            targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+            with torch.autocast(device.type, dtype=amp_dtype(args), enabled=args.amp != 'off'):
+                features = encode(model.encoder, inputs)[owner.to(device)]  # (P, E) -> (N, E)
+                total += criterion(model.decoder(features, captions, lengths).float(), targets)
+            count += len(targets)
+            bar.update(len(inputs))
     model.train()
     total, count = all_sum(total.item(), count, device=device)
     loss = total / max(count, 1)
@@ -446,13 +516,17 @@ def recalibrate_bn(model, loader, device, num_batches):
     bn.reset_running_stats()
     momentum, bn.momentum = bn.momentum, None  # None: cumulative average
     model.train()
+    quiet = None if speaks() else False
     try:
-        for i, (inputs, _, _) in enumerate(loader):
-            if i == num_batches:
-                break
-            inputs = inputs.to(device)
-            features = inputs if inputs.dim() == 2 else model.encoder.extract(inputs)  # (N, 2048)
-            bn(model.encoder.linear(features))
+        with show_progress(total=min(num_batches, len(loader)), desc='recalibrating bn', unit='batches', bar=quiet,
+                           lines=quiet) as bar:
+            for i, (inputs, _, _) in enumerate(loader):
+                if i == num_batches:
+                    break
+                inputs = inputs.to(device)
+                features = inputs if inputs.dim() == 2 else model.encoder.extract(inputs)  # (N, 2048)
+                bn(model.encoder.linear(features))
+                bar.update(1)
     finally:
         bn.momentum = momentum
 
@@ -473,13 +547,17 @@ def select_score(args, model, val_set, vocab, device, val_loss):
     references = {i: [a['caption'] for a in coco.imgToAnns[i]] for i in image_ids}
     model.eval()
     captions = []
-    for start in range(0, len(image_ids), args.batch_size):
-        inputs = torch.stack([base[first[i]][0] for i in image_ids[start:start + args.batch_size]]).to(device)
-        ids = model.decoder.generate(encode(model.encoder, inputs))
-        captions += [vocab.decode(c, markers=False) for c in ids]
+    quiet = None if speaks() else False
+    with show_progress(total=len(image_ids), desc=f'captioning for --select_by {args.select_by}', unit='pictures',
+                  bar=quiet, lines=quiet) as bar:
+        for start in range(0, len(image_ids), args.batch_size):
+            inputs = torch.stack([base[first[i]][0] for i in image_ids[start:start + args.batch_size]]).to(device)
+            ids = model.decoder.generate(encode(model.encoder, inputs))
+            captions += [vocab.decode(c, markers=False) for c in ids]
+            bar.update(len(ids))
     model.train()
     score = metrics.bleu4 if args.select_by == 'bleu4' else metrics.cider_d
-    return score(references, dict(zip(image_ids, captions)))
+    return score(references, dict(zip(image_ids, captions)), verbose=speaks())
 
 
 # ---------------------------------------------------------------------------
