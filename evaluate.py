@@ -170,6 +170,12 @@ def write_results(results, path):
         json.dump([{'image_id': i, 'caption': results[i]} for i in sorted(results)], f)
 
 
+def interrupted(what):
+    """Ctrl-C: one line saying what is on disk, exit code 130."""
+    print(f'\ninterrupted: {what}', flush=True)
+    sys.exit(130)
+
+
 def main(argv=None):
     args = get_args(argv)
     print(vars(args))
@@ -227,7 +233,10 @@ def main(argv=None):
     dataset = EvalImages(paths, image_ids, captioner.image_size, captioner.crop_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == 'cuda', worker_init_fn=worker_init_fn)
-    results = caption_images(captioner, loader, device, args.beam_size, args.length_penalty, args.max_seq_length)
+    try:
+        results = caption_images(captioner, loader, device, args.beam_size, args.length_penalty, args.max_seq_length)
+    except KeyboardInterrupt:
+        interrupted('nothing written')
     try:
         write_results(results, args.results_path)
     except OSError as e:  # a full disk: the temporary file is gone, an older results file is intact
@@ -236,7 +245,10 @@ def main(argv=None):
     for i in list(results)[:3]:
         print(f'  {i}: {results[i]}')
 
-    scores, skipped = score_captions({i: refs[i] for i in results}, results, verbose=True)
+    try:
+        scores, skipped = score_captions({i: refs[i] for i in results}, results, verbose=True)
+    except KeyboardInterrupt:
+        interrupted(f'the captions are in {args.results_path}, not scored')
     print(f'\nCOCO caption metrics (pycocoevalcap) on {len(results)} images of {label}, beam size {args.beam_size}; '
           f'scores on the 0-100 scale of papers (pycocoevalcap\'s 0-1 values x 100):')
     print(format_scores(scores, skipped))

@@ -1,4 +1,4 @@
-"""How train.py ends, with its default DataLoader workers, on the README's data layout (val2014
+"""How train.py (and evaluate.py) end, with their default DataLoader workers, on the README's data layout (val2014
 included): by itself within seconds of its last line; on Ctrl-C (to the whole process group, as a
 terminal sends it) or SIGTERM in every stage, with exit code 130 and a message that is true; after
 SIGKILL; under torchrun. No run leaves a process behind (conftest.finish checks every run), and a
@@ -100,7 +100,7 @@ def test_sigkill_leaves_no_worker_and_a_lock_note(root):
 WRAPPER = '''
 import functools, importlib, os, signal, sys
 sys.path.insert(0, {repo!r})
-import train
+import {script} as script
 *path, name = {where!r}.split('.')
 owner = functools.reduce(getattr, path[1:], importlib.import_module(path[0]))
 original, calls = getattr(owner, name), []
@@ -111,17 +111,18 @@ def signalled(*args, **kwargs):
     calls.append(1)
     return original(*args, **kwargs)
 setattr(owner, name, signalled)
-train.main(sys.argv[1:])
+script.main(sys.argv[1:])
 '''
 
 
-def signal_in(root, where, *flags, times=1):
-    """Run train.py through a wrapper that sends itself SIGINT `times` times when `where`
+def signal_in(root, where, *flags, times=1, script='train'):
+    """Run train.py (or another script's main) through a wrapper that sends itself SIGINT `times` times when `where`
     ('module.function' or 'module.Class.method') is first called; returns (stdout, stderr) of a run
     that must end with exit code 130 and no traceback."""
     wrapper = root / 'signal_wrapper.py'
-    wrapper.write_text(WRAPPER.format(repo=REPO, where=where, times=times))
-    proc = start([wrapper, *TRAIN, '--num_epochs', 2, *flags], cwd=root)
+    wrapper.write_text(WRAPPER.format(repo=REPO, where=where, times=times, script=script))
+    args = [*TRAIN, '--num_epochs', 2, *flags] if script == 'train' else flags
+    proc = start([wrapper, *args], cwd=root)
     stdout, stderr = finish(proc, timeout=120)
     assert proc.returncode == 130 and 'Traceback' not in stderr, stdout + stderr
     return stdout, stderr
@@ -169,6 +170,13 @@ def test_second_ctrl_c_says_what_is_on_disk(root):
     stdout, _ = signal_in(root, 'train.save', times=2)  # the second stops the first save: nothing on disk
     assert 'interrupted again: stopped without saving; nothing was saved' in stdout, stdout
     assert not os.path.exists(root / 'models' / 'latest.pt')
+
+
+def test_ctrl_c_in_evaluate_says_nothing_was_written(root):
+    run('train.py', *TRAIN, '--num_epochs', 1, cwd=root)
+    stdout, _ = signal_in(root, 'evaluate.caption_images', '--device', 'cpu', script='evaluate')
+    assert 'interrupted: nothing written' in stdout, stdout
+    assert not [n for n in os.listdir(root / 'models') if n.endswith('.json')]
 
 
 def test_torchrun_two_ranks_end(root):
