@@ -1,11 +1,12 @@
-"""How train.py (and evaluate.py) end, with their default DataLoader workers, on the README's data layout (val2014
-included): by itself within seconds of its last line; on Ctrl-C (to the whole process group, as a
-terminal sends it) or SIGTERM in every stage, with exit code 130 and a message that is true; after
-SIGKILL; under torchrun. No run leaves a process behind (conftest.finish checks every run), and a
-clean run leaves no train.lock.
+"""How train.py and evaluate.py end, with their default DataLoader workers, on the README's data
+layout (val2014 included): by itself within seconds of the last line; on Ctrl-C (to the whole process
+group, as a terminal sends it) or SIGTERM in every stage, with exit code 130 and a message that is
+true; after SIGKILL; under torchrun. No run leaves a process behind (conftest.finish checks every
+run), and a clean run leaves no train.lock.
 
-A signal lands in a given stage (validation, scoring, the feature cache, a save) through a small
-wrapper that sends it from inside that stage's function and then runs the function as it is.
+A signal lands in a given stage (validation, scoring, the feature cache, a save, evaluate.py's
+captioning) through a small wrapper that sends it from inside that stage's function and then runs
+the function as it is.
 """
 import os
 import re
