@@ -401,7 +401,9 @@ class AttentionDecoder(CaptionSearch, nn.Module):
         self.att_regions = nn.Linear(embed_size, hidden_size)   # W_a
         self.att_hidden = nn.Linear(hidden_size, hidden_size)   # W_h
         self.att = nn.Linear(hidden_size, 1)                    # w
-        self.f_beta = nn.Linear(hidden_size, embed_size)        # the gating scalar's ... per feature
+        # the gate beta: one scalar per step in the paper, one per feature here (as in
+        # sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning)
+        self.f_beta = nn.Linear(hidden_size, embed_size)
         self.cell = cell(2 * embed_size, hidden_size)           # input [E y_{t-1}; z_t]
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden_size, vocab_size)
@@ -454,14 +456,14 @@ class AttentionDecoder(CaptionSearch, nn.Module):
         return weight * (1 - totals).pow(2).sum(1).mean()
 
     @torch.no_grad()
-    def sample(self, features, end_id=2, return_alphas=False):
-        """Greedy decoding: (N, R, E) features -> LongTensor (N, max_seg_length) token ids, and
-        with return_alphas=True their weights (N, max_seg_length, R).
+    def sample(self, features, max_seq_length=None, end_id=2, return_alphas=False):
+        """Greedy decoding: (N, R, E) features -> LongTensor (N, T) token ids, and with
+        return_alphas=True their weights (N, T, R); T = max_seq_length, by default max_seg_length.
 
         A caption that has written <end> leaves the batch: its state is not touched again,
         its later tokens are <end> and its later weights 0. Decoding stops when all ended.
         """
-        N, T = features.size(0), self.max_seg_length
+        N, T = features.size(0), max_seq_length or self.max_seg_length
         ids = torch.full((N, T), end_id, dtype=torch.long, device=features.device)
         weights = features.new_zeros(N, T, features.size(1))
         projected = self.att_regions(features)                    # (N, R, H)
