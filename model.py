@@ -408,6 +408,20 @@ class AttentionDecoder(CaptionSearch, nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden_size, vocab_size)
         self.max_seg_length = max_seq_length  # DecoderRNN's name
+        self._flatten_cell()
+
+    def _flatten_cell(self):
+        # As my_LSTM does: the cell's parameters live in one buffer in nn.LSTMCell's layout from
+        # the start (fused_lstm.flatten), not only after the first decoding step moved them there,
+        # so every process, a resumed one too, trains on the same memory layout: the matmul
+        # library's rounding can depend on it.
+        if isinstance(self.cell, my_LSTMCell):
+            fused_lstm.flatten(self.cell)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # .to(), .double(): new memory, flattened there at once
+        self._flatten_cell()
+        return self
 
     def init_state(self, features):
         """(h_0, c_0), each (N, H), from the mean region (N, R, E)."""

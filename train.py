@@ -126,20 +126,25 @@ def get_args(argv=None):
         parser.error(f'--val_fraction must be in (0, 1), got {args.val_fraction}')
     if args.crop_size > args.image_size:
         parser.error(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}')
-    if args.decoder == 'attention':
-        check_attention_args(parser, args)
+    why = attention_args_problem(args)
+    if why:
+        parser.error(why)
     return args
 
 
-def check_attention_args(parser, args):
+def attention_args_problem(args):
+    """What is wrong with --decoder attention's flags (one line), or None."""
+    if args.decoder != 'attention':
+        return None
     map_size = math.ceil(args.crop_size / 32)  # the ResNet's last map is the crop downsampled 32 times
     if not 1 <= args.grid_size <= map_size:
-        parser.error(f'--grid_size must be from 1 to {map_size} (the ResNet map of a {args.crop_size} crop is '
-                     f'{map_size} x {map_size}), got {args.grid_size}')
+        return (f'--grid_size must be from 1 to {map_size} (the ResNet map of a {args.crop_size} crop is '
+                f'{map_size} x {map_size}), got {args.grid_size}')
     if args.num_layers != 1:
-        parser.error(f'--decoder attention steps one LSTM cell: --num_layers must be 1, got {args.num_layers}')
+        return f'--decoder attention steps one LSTM cell: --num_layers must be 1, got {args.num_layers}'
     if not 0 <= args.attention_penalty < math.inf:
-        parser.error(f'--attention_penalty must be 0 or more, got {args.attention_penalty}')
+        return f'--attention_penalty must be 0 or more, got {args.attention_penalty}'
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -319,8 +324,11 @@ def make_loaders(args, train_set, val_set, world_size, rank, device):
                      worker_init_fn=ignore_stop_signals)
     # the validation loader lives through the run, so its workers can too; the training loader is
     # made anew each epoch (a resumed epoch starts at its batch), and its workers with it
+    # its own generator too: each pass would otherwise draw its workers' base seed from the global
+    # random stream, and a run validated mid-epoch (--max_steps) would resume on other dropout masks
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler,
-                            persistent_workers=args.num_workers > 0, **loader_kw)
+                            persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
+                            **loader_kw)
     return sampler, val_loader, loader_kw
 
 
@@ -710,6 +718,8 @@ def load_resume(args):
         setattr(args, name, ckpt['args'].get(name, getattr(args, name)))
     if changed:
         print(f'note: --resume: {args.resume} was trained with {", ".join(changed)}; continuing with its sizes')
+    if attention_args_problem(args):
+        fail(PROG, f'--resume: {args.resume} holds an attention decoder: {attention_args_problem(args)}')
     return ckpt
 
 

@@ -1,6 +1,8 @@
 """AttentionDecoder: weights that sum to 1, a shrinking batch, beam 1 = greedy, the lab's cell
 against nn.LSTMCell, the feature cache's grids, the figure and gates, and an overfit check."""
-import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,8 +11,8 @@ from PIL import Image
 
 import attention_map
 import gates
-from checkpoint import build_decoder, build_encoder
-from conftest import make_tiny_coco, run, train_args
+from checkpoint import build_decoder, build_encoder, load_checkpoint
+from conftest import REPO, make_tiny_coco, run, train_args
 from data_loader import load_image
 from DIY_LSTM import LSTM_LAYOUT, my_LSTMCell
 from model import AttentionDecoder, DecoderRNN, EncoderCNN
@@ -222,7 +224,8 @@ def test_overfits_a_few_pictures():
 
 def test_train_py_refuses_bad_attention_flags(tiny_coco, tiny_vocab, tmp_path):
     for flags, says in ((['--grid_size', 3], '--grid_size must be from 1 to 1'),
-                        (['--num_layers', 2, '--grid_size', 1], '--num_layers must be 1')):
+                        (['--num_layers', 2, '--grid_size', 1], '--num_layers must be 1'),
+                        (['--attention_penalty', -1, '--grid_size', 1], '--attention_penalty must be 0 or more')):
         proc = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path, '--decoder', 'attention', *flags),
                    check=False)
         assert proc.returncode == 2 and says in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
@@ -248,3 +251,43 @@ def test_feature_cache_keeps_grids_apart(tmp_path):
             torch.testing.assert_close(torch.from_numpy(features[0, 0].copy()).view(item.shape),
                                        encoder.extract(picture)[0], rtol=1e-5, atol=1e-5)
     assert len(set(caches.values())) == 3, 'pooled, 2 x 2 and 1 x 1 caches have names of their own'
+
+
+ATTENTION = ['--decoder', 'attention', '--crop_size', 48, '--grid_size', 2]  # train_args' 48-pixel pictures
+
+
+def test_resume_continues_exactly(tiny_coco, tiny_vocab, tmp_path):
+    """Stopped after 7 steps and resumed, an attention run (dropout and all) ends with the same
+    weights as one never stopped."""
+    common = ['--num_epochs', 2, '--batch_size', 4, '--learning_rate', 0.01, *ATTENTION]
+    run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path / 'a', *common))
+    run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path / 'b', *common, '--max_steps', 7))
+    out = run('train.py', *train_args(tiny_coco, tiny_vocab, tmp_path / 'b', *common,
+                                      '--resume', tmp_path / 'b' / 'latest.pt')).stdout
+    assert 'epoch 1, step 2' in out
+    a, b = load_checkpoint(tmp_path / 'a' / 'latest.pt'), load_checkpoint(tmp_path / 'b' / 'latest.pt')
+    assert b['args']['decoder'] == 'attention' and a['global_step'] == b['global_step'] == 10
+    for part in ('encoder', 'decoder'):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f'{part}.{key} differs after resume'
+
+
+def test_two_processes_ddp_gloo(tiny_coco, tiny_vocab, tmp_path):
+    """torchrun with 2 CPU processes: the penalty's gradient reaches both, which end alike."""
+    wrapper = tmp_path / 'ddp_main.py'
+    wrapper.write_text(
+        'import os, sys, torch\n'
+        f'sys.path.insert(0, {REPO!r})\n'
+        'import train\n'
+        'model = train.main(sys.argv[1:])\n'
+        f'torch.save(dict(model.named_parameters()), os.path.join({str(tmp_path)!r}, f"rank{{os.environ[\'RANK\']}}.pt"))\n')
+    args = train_args(tiny_coco, tiny_vocab, tmp_path / 'models', '--num_epochs', 1, '--batch_size', 2,
+                      '--device', 'cpu', *ATTENTION)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(wrapper), *map(str, args)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    assert any(k.startswith('decoder.att') for k in rank0)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f'{name} differs between the ranks'
