@@ -12,19 +12,20 @@ Variants: AttentionDecoder on my_LSTMCell (training steps the cell as written, a
 the backward; decoding takes fused_lstm's one-step path), the same decoder on nn.LSTMCell
 with the same weights, and the tutorial's DecoderRNN (my_LSTM, same E, H, V and batch) for
 scale. Every round runs every case and variant once, in alternating order, after a warm-up;
-the table reports the median round. Outputs are checked to agree before anything is timed.
+the table reports the median round (bench_lstm.time_rounds). Outputs are checked to agree
+before anything is timed.
 """
 import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_lstm import time_rounds  # noqa: E402  (bench/ is this script's folder)
 from model import AttentionDecoder, DecoderRNN  # noqa: E402  (the repository root is not a package)
 
 QUICK = dict(batch_size=4, embed_size=16, hidden_size=32, vocab_size=50, grid_size=2, min_len=4, max_len=8,
@@ -48,6 +49,7 @@ def make_cases(args):
 
     def train_step(model):
         def run():
+            model.train()
             model.zero_grad(set_to_none=True)
             torch.manual_seed(args.seed)                # the same dropout masks for both cells
             if isinstance(model, AttentionDecoder):
@@ -63,40 +65,21 @@ def make_cases(args):
     def greedy(model):
         @torch.no_grad()
         def run():
+            model.eval()                                    # no dropout
             if isinstance(model, AttentionDecoder):
                 return model.sample(one_grid, end_id=-1)    # -1: no caption ends, all steps run
             return model.sample(one_vector)
         return run
 
     models = {'my_LSTMCell': ours, 'nn.LSTMCell': theirs, 'DecoderRNN': tutorial}
-    for m in models.values():
-        m.train()
     cases = {'a': (f'train step, batch {N}', {k: train_step(m) for k, m in models.items()}),
              'b': (f'greedy {args.steps} steps, batch 1', {k: greedy(m) for k, m in models.items()})}
     # the two cells must compute the same thing before their times mean anything
     a = cases['a'][1]
     torch.testing.assert_close(a['my_LSTMCell'](), a['nn.LSTMCell'](), rtol=args.atol, atol=args.atol)
-    for m in models.values():
-        m.eval()  # decoding: no dropout
     b = cases['b'][1]
     assert torch.equal(b['my_LSTMCell'](), b['nn.LSTMCell']()), 'greedy decoding differs between the cells'
-    return cases, models
-
-
-def time_rounds(cases, models, args):
-    """{(case, variant): [seconds per round]}, variants interleaved and alternated each round."""
-    times = {(c, k): [] for c, (_, variants) in cases.items() for k in variants}
-    for r in range(args.warmup + args.rounds):
-        for c, (_, variants) in cases.items():
-            for m in models.values():
-                m.train(c == 'a')
-            order = list(variants.items())
-            for k, fn in (order if r % 2 == 0 else order[::-1]):
-                t0 = time.perf_counter()
-                fn()
-                if r >= args.warmup:
-                    times[(c, k)].append(time.perf_counter() - t0)
-    return times
+    return cases
 
 
 def main(argv=None):
@@ -126,8 +109,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
 
-    cases, models = make_cases(args)
-    times = time_rounds(cases, models, args)
+    cases = make_cases(args)
+    times = time_rounds(cases, torch.device('cpu'), args)
     rows = []
     for c, (desc, variants) in cases.items():
         ms = {k: statistics.median(times[(c, k)]) * 1e3 for k in variants}

@@ -83,6 +83,24 @@ def run(script, *args, cwd=REPO, check=True, timeout=600):
     return proc
 
 
+def torchrun_train(tmp_path, args, nproc=2):
+    """`torchrun --nproc_per_node=nproc train.py ARGS` on the CPU (gloo), one thread a process.
+    Returns (process, [each rank's named_parameters() at the end, as tensors])."""
+    wrapper = tmp_path / 'ddp_main.py'
+    wrapper.write_text(
+        'import os, sys, torch\n'
+        f'sys.path.insert(0, {REPO!r})\n'
+        'import train\n'
+        'model = train.main(sys.argv[1:])\n'
+        f'torch.save(dict(model.named_parameters()), os.path.join({str(tmp_path)!r}, f"rank{{os.environ[\'RANK\']}}.pt"))\n')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+                           str(wrapper), *map(str, args)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import torch  # only the tests that train need it
+    return proc, [torch.load(tmp_path / f'rank{r}.pt') for r in range(nproc)]
+
+
 @pytest.fixture(scope='session')
 def tiny_coco(tmp_path_factory):
     """(image_dir, caption_path) of a 12-picture, 24-caption COCO-format set."""

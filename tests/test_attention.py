@@ -1,9 +1,5 @@
 """AttentionDecoder: weights that sum to 1, a shrinking batch, beam 1 = greedy, the lab's cell
 against nn.LSTMCell, the feature cache's grids, the figure and gates, and an overfit check."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +8,7 @@ from PIL import Image
 import attention_map
 import gates
 from checkpoint import build_decoder, build_encoder, load_checkpoint
-from conftest import REPO, make_tiny_coco, run, train_args
+from conftest import make_tiny_coco, run, torchrun_train, train_args
 from data_loader import load_image
 from DIY_LSTM import LSTM_LAYOUT, my_LSTMCell
 from model import AttentionDecoder, DecoderRNN, EncoderCNN
@@ -274,20 +270,9 @@ def test_resume_continues_exactly(tiny_coco, tiny_vocab, tmp_path):
 
 def test_two_processes_ddp_gloo(tiny_coco, tiny_vocab, tmp_path):
     """torchrun with 2 CPU processes: the penalty's gradient reaches both, which end alike."""
-    wrapper = tmp_path / 'ddp_main.py'
-    wrapper.write_text(
-        'import os, sys, torch\n'
-        f'sys.path.insert(0, {REPO!r})\n'
-        'import train\n'
-        'model = train.main(sys.argv[1:])\n'
-        f'torch.save(dict(model.named_parameters()), os.path.join({str(tmp_path)!r}, f"rank{{os.environ[\'RANK\']}}.pt"))\n')
     args = train_args(tiny_coco, tiny_vocab, tmp_path / 'models', '--num_epochs', 1, '--batch_size', 2,
                       '--device', 'cpu', *ATTENTION)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           str(wrapper), *map(str, args)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    _, (rank0, rank1) = torchrun_train(tmp_path, args)
     assert any(k.startswith('decoder.att') for k in rank0)
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f'{name} differs between the ranks'
