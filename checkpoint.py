@@ -7,7 +7,8 @@ with ``torch.load(weights_only=True)`` so that no file this repository reads can
      'encoder_weights': how to rebuild the frozen ResNet, see `encoder_spec`,
      'decoder': decoder.state_dict(),
      'vocab': list of words in id order,
-     'args': vars(args) of train.py (embed_size, hidden_size, num_layers, crop_size, ...),
+     'args': vars(args) of train.py (embed_size, hidden_size, num_layers, crop_size, ...;
+             decoder: 'rnn' or 'attention', and grid_size: which decoder it holds, see build_decoder),
      'optimizer', 'epoch', 'step', 'best_val_loss', 'rng', ...: train.py's resume state}
 
 `load_captioner` rebuilds (encoder, decoder, vocab) from such a file, or from the
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.models import ResNet152_Weights
 
-from model import DecoderRNN, EncoderCNN
+from model import AttentionDecoder, DecoderRNN, EncoderCNN
 from utils import atomic_write, file_sha256
 from vocab import Vocabulary, load_vocab
 
@@ -85,6 +86,24 @@ def ensure_imagenet_weights():
     finally:
         socket.setdefaulttimeout(timeout)
     return path
+
+
+# --decoder: 'rnn' is the tutorial's DecoderRNN (and every checkpoint written before the flag),
+# 'attention' is AttentionDecoder over EncoderCNN(grid_size=G) regions
+DECODERS = ('rnn', 'attention')
+
+
+def build_decoder(args, vocab_size):
+    """The decoder a train.py args dict names (args['decoder'], 'rnn' when absent), untrained."""
+    if args.get('decoder', 'rnn') == 'attention':
+        return AttentionDecoder(args['embed_size'], args['hidden_size'], vocab_size, args.get('max_seq_length', 20))
+    return DecoderRNN(args['embed_size'], args['hidden_size'], vocab_size, args['num_layers'],
+                      args.get('max_seq_length', 20))
+
+
+def grid_size(args):
+    """The encoder's grid_size for the decoder an args dict names: 0 (one pooled vector) for 'rnn'."""
+    return args['grid_size'] if args.get('decoder', 'rnn') == 'attention' else 0
 
 
 def build_encoder(embed_size, spec):
@@ -264,7 +283,7 @@ def add_decoding_args(parser, beam_size):
 class Captioner:
     """What sample.py and evaluate.py need: the two halves, the words, the preprocessing."""
     encoder: EncoderCNN
-    decoder: DecoderRNN
+    decoder: DecoderRNN  # or AttentionDecoder
     vocab: Vocabulary
     image_size: int  # resize.py's square size
     crop_size: int   # the centre crop fed to the ResNet
@@ -301,6 +320,7 @@ def load_captioner(checkpoint=None, encoder_path=None, decoder_path=None, vocab_
     args = ckpt['args']
     spec = encoder_spec(encoder_weights, args.get('seed', 0)) if encoder_weights else ckpt['encoder_weights']
     encoder = build_encoder(args['embed_size'], spec)
+    encoder.grid_size = grid_size(args)
     missing, unexpected = encoder.load_state_dict(ckpt['encoder'], strict=False)
     assert not unexpected and all(k.startswith('resnet.') for k in missing), 'encoder state mismatch'
     # a sha256 string; some checkpoints hold a float checksum instead, which no longer has a
@@ -310,8 +330,7 @@ def load_captioner(checkpoint=None, encoder_path=None, decoder_path=None, vocab_
         warnings.warn(f"{checkpoint}: the rebuilt ResNet ({encoder_id(spec)}) differs from the one it was "
                       f"trained with (another torch version initialises differently?); captions may be off")
     vocab = Vocabulary.from_words(ckpt['vocab'])
-    decoder = DecoderRNN(args['embed_size'], args['hidden_size'], len(vocab), args['num_layers'],
-                         args.get('max_seq_length', 20))
+    decoder = build_decoder(args, len(vocab))
     decoder.load_state_dict(ckpt['decoder'])
     cap = Captioner(encoder, decoder, vocab, args.get('image_size', 256), args['crop_size'],
                     describe(checkpoint, ckpt))

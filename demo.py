@@ -8,9 +8,11 @@ It runs the lab's own scripts with other flags, exactly as a COCO run would:
     (pictures and     (vocab.pkl)       (train, val)  (features    (BLEU, METEOR,  (held-out pictures,
      COCO captions)                                    cached once)  ROUGE-L, CIDEr)  written to --output)
 
-and ends with a check that the captions come from the pictures: BLEU-4 of the held-out
-captions against BLEU-4 of the same model fed the wrong pictures (features shuffled),
-then the time each stage took.
+and ends with a check that the captions come from the pictures: BLEU-4 and CIDEr-D of the
+held-out captions against the same model fed the wrong pictures (features shuffled), how
+often the captions name each attribute of the scene right, then the time each stage took.
+--decoder attention runs the same job with Show, Attend and Tell's decoder, and also draws
+where it looked for each word of the first held-out picture (docs/attention.md).
 It uses the ImageNet ResNet-152 weights when torch's cache has them (or can download
 them), and otherwise random encoder weights, after saying so. Where the CPU computes
 bfloat16 natively (Intel AMX or AVX512-BF16), train.py runs under bf16 autocast, its
@@ -49,7 +51,12 @@ def get_args(argv=None):
     parser.add_argument('--image_size', type=int, default=96, help='picture size (resize.py --image_size)')
     parser.add_argument('--crop_size', type=int, default=84, help='centre crop fed to the ResNet')
     # model and training (train.py's flags; the model is the tutorial's)
-    parser.add_argument('--model_path', type=str, default='models/shapes', help='checkpoints and logs')
+    parser.add_argument('--model_path', type=str, default=None,
+                        help='checkpoints and logs; not given: models/shapes, or models/shapes_attention')
+    parser.add_argument('--decoder', type=str, default='rnn', choices=['rnn', 'attention'],
+                        help="train.py --decoder: the tutorial's DecoderRNN or the attention decoder")
+    parser.add_argument('--grid_size', type=int, default=3,
+                        help='--decoder attention: regions per side (the ResNet map of an 84 crop is 3 x 3)')
     parser.add_argument('--encoder_weights', type=str, default='auto',
                         help="'auto' (ImageNet if available, else random), 'imagenet', 'none' or a path")
     parser.add_argument('--embed_size', type=int, default=256, help='dimension of word embedding vectors')
@@ -64,13 +71,18 @@ def get_args(argv=None):
                              "computes it natively (CPUs with AMX or AVX512-BF16, CUDA GPUs from Ampere on), "
                              "else off (float32)")
     # output
-    parser.add_argument('--output', type=str, default='demo_out', help='captioned held-out pictures go here')
+    parser.add_argument('--output', type=str, default=None,
+                        help='captioned held-out pictures go here; not given: demo_out, or demo_out_attention')
     parser.add_argument('--examples', type=int, default=6, help='held-out pictures printed and drawn')
     parser.add_argument('--beam_size', type=int, default=3, help='beam width for evaluation and examples')
     parser.add_argument('--seed', type=int, default=0, help='seeds the pictures, the random encoder and training')
     parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="'cpu', 'cuda', 'cuda:1', 'mps'")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    suffix = '_attention' if args.decoder == 'attention' else ''
+    args.model_path = args.model_path or f'models/shapes{suffix}'
+    args.output = args.output or f'demo_out{suffix}'
+    return args
 
 
 def banner(text):
@@ -152,6 +164,39 @@ def shuffled(n, seed):
     return wrong
 
 
+def read_attributes(caption):
+    """The scene a make_shapes.py caption describes, as far as it says: a dict with some of
+    make_shapes.ATTRIBUTES, e.g. 'two large red circles on the left of a blue image' ->
+    {'count': 2, 'size': 'large', 'colour': 'red', 'shape': 'circle', 'position': 'left',
+    'background': 'blue'}. The object's colour is the one just before its shape (with the count
+    and size before it); any other colour word is the background."""
+    words, said = caption.split(), {}
+    shapes = {**{s: s for s in make_shapes.SHAPES}, **{p: s for s, p in make_shapes.PLURAL.items()}}
+    counts = {w: n for n, ws in make_shapes.COUNT_WORDS.items() for w in ws}
+    sizes = {w: s for s, ws in make_shapes.SIZE_WORDS.items() for w in ws}
+    positions = {p.split()[-1]: s for s, ps in make_shapes.POSITION_WORDS.items() for p in ps}
+    at = next((k for k, w in enumerate(words) if w in shapes), None)
+    if at is not None:
+        said['shape'] = shapes[words[at]]
+        before = words[max(0, at - 3):at]                     # e.g. ['two', 'large', 'red']
+        if before and before[-1] in make_shapes.COLOURS:
+            said['colour'] = before[-1]
+        said.update({'size': sizes[w] for w in before if w in sizes})
+        said.update({'count': counts[w] for w in before if w in counts})
+    others = [w for k, w in enumerate(words) if w in make_shapes.COLOURS and (at is None or k != at - 1)]
+    if others:
+        said['background'] = others[0]
+    said.update({'position': positions[w] for w in words if w in positions})
+    return said
+
+
+def attributes_named_right(scenes, captions):
+    """{attribute: (share of the captions that name it right, share that name it at all)}."""
+    said = [read_attributes(c) for c in captions]
+    return {a: (sum(s.get(a) == scene[a] for s, scene in zip(said, scenes)) / len(scenes),
+                sum(a in s for s in said) / len(scenes)) for a in make_shapes.ATTRIBUTES}
+
+
 def main(argv=None):
     args = get_args(argv)
     print(vars(args))
@@ -193,7 +238,8 @@ def main(argv=None):
                     # features come from a memory-mapped file: worker processes would only add start-up time
                     '--learning_rate', str(args.learning_rate), '--num_workers', '0',
                     '--log_step', '25', '--augment', 'none', '--recalibrate_bn', '50', '--amp', amp,
-                    '--seed', seed, '--device', args.device])
+                    '--decoder', args.decoder, '--grid_size', str(args.grid_size), '--seed', seed,
+                    '--device', args.device])
     best = os.path.join(args.model_path, 'best.pt')
 
     banner('5/6 evaluate.py: COCO caption metrics on the held-out pictures')
@@ -214,6 +260,8 @@ def main(argv=None):
                   for split, json_path in (('train', train_json), ('val', val_json))]
         cache = caches[1]
         pooled = torch.tensor(cache.load_or_build(captioner.encoder, device)[0])  # (N, 2048), rows by id; a copy
+        if cache.regions:
+            pooled = pooled.view(len(pooled), cache.regions, -1)                    # (N, R, 2048)
         ids = cache.image_ids
         coco = cache.coco
         refs = {i: [str(ann['caption']) for ann in coco.imgToAnns[i]] for i in ids}
@@ -233,6 +281,16 @@ def main(argv=None):
         exact = sum(c in {' '.join(tokenize(r)) for r in refs[i]} for i, c in zip(ids, captions))
         real = metrics.bleu4(refs, dict(zip(ids, captions)))
         shuffled_bleu = metrics.bleu4(refs, dict(zip(ids, wrong)))
+        cider, shuffled_cider = metrics.cider_d(refs, dict(zip(ids, captions))), metrics.cider_d(refs, dict(zip(ids, wrong)))
+        named = attributes_named_right([coco.imgs[i]['scene'] for i in ids], captions)
+        if args.decoder == 'attention':
+            import attention_map
+            from data_loader import load_image
+            figure = os.path.join(args.output, 'attention.png')
+            picture = load_image(paths[0], captioner.image_size, captioner.crop_size).to(device)
+            with torch.no_grad():
+                attention_map.plot_attention(captioner.decoder, captioner.encoder(picture), picture, captioner.vocab,
+                                             figure)
     resnet = sum(build_seconds(c, captioner.encoder, trained) for c in caches)
     stages.part('4 train.py', f'feature cache (ResNet, {"bf16" if amp == "bf16" else "float32"})', resnet,
                 rest='start-up, epochs, validation')
@@ -242,13 +300,20 @@ def main(argv=None):
                'no clear evidence the captions use the pictures')
     print(f'BLEU-4 (0-100) of the captions: {real:.1f}; of the same model fed the wrong pictures: '
           f'{shuffled_bleu:.1f} -> {verdict}')
+    print(f'CIDEr-D (0-1000) of the captions: {cider:.1f}; fed the wrong pictures: {shuffled_cider:.1f}')
+    print('attributes the captions name right (share of the held-out pictures; named at all in brackets):')
+    for attribute, (right, said) in named.items():
+        print(f'    {attribute:<10} {right:.2f} ({said:.2f})')
     if weights == 'none':
         print('(encoder on random weights: its features keep colours, sizes and places, counts weakly and '
               'shapes not at all: see make_shapes.py --probe; ImageNet weights see the shapes too)')
     print(f'wrote {min(args.examples, len(ids))} captioned pictures to {args.output}/; checkpoint {best}')
+    if args.decoder == 'attention':
+        print(f'wrote where the decoder looked for each word of {os.path.basename(paths[0])} to {figure}')
     print(f'caption any picture with: python sample.py --checkpoint {best} --image {paths[0]}')
     print(f'\n{stages.table()}\n(done in {time.time() - start:.0f} s)')
-    return {'bleu4': real, 'bleu4_shuffled': shuffled_bleu, 'exact': exact / len(ids),
+    return {'bleu4': real, 'bleu4_shuffled': shuffled_bleu, 'cider': cider, 'cider_shuffled': shuffled_cider,
+            'attributes': named, 'exact': exact / len(ids),
             'seconds': dict(stages.rows), 'amp': amp}
 
 

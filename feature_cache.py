@@ -14,6 +14,7 @@ File layout (cache_dir; train.py's default is features/ beside the image folder)
       annotations/captions_train2014.json
       features/
         features-3f9c0d1e2a4b5c6d.npy           float32 (V, N, 2048), memory-mapped
+                                                (V, N, R*2048) for AttentionDecoder's R regions
         features-3f9c0d1e2a4b5c6d.json          meta: key ingredients, shape, 'complete': true
         features-77ab12cd34ef5678.npy.partial   a build in progress (or a killed one: rebuilt)
         captions-0a1b2c3d4e5f6a7b.npz           the captions as vocabulary ids (FeatureDataset)
@@ -254,7 +255,7 @@ class FeatureCache:
         self.encoder_id, self.seed, self.amp_dtype = str(encoder_id), int(seed), amp_dtype
         self.cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.normpath(root)), 'features')
         self.features = None
-        self.key = None
+        self.key, self.regions = None, 0
         self._coco = None
 
     # -- what the cache holds -------------------------------------------------------------
@@ -287,6 +288,7 @@ class FeatureCache:
 
     def ingredients(self, encoder):
         """Everything the cached numbers depend on, as a dict (the key is its digest)."""
+        grid = getattr(encoder, 'grid_size', 0)
         coco, stats, missing = self.coco, [], []
         for image_id, path in zip(self.image_ids, self.paths()):
             try:
@@ -312,7 +314,10 @@ class FeatureCache:
             'encoder_id': self.encoder_id,
             'weights': encoder.fingerprint(),
             'amp_dtype': None if self.amp_dtype is None else str(self.amp_dtype).replace('torch.', ''),
-            'dim': encoder.linear.in_features,
+            'dim': encoder.linear.in_features * max(1, grid) ** 2,  # D, or R * D for a grid
+            # the region grid (AttentionDecoder), absent for the pooled vector so that pooled
+            # caches keep their names; a grid cache never answers to a pooled key, nor the reverse
+            **({'grid_size': grid} if grid else {}),
         }
 
     def _name(self, key):
@@ -324,6 +329,7 @@ class FeatureCache:
 
     def _set_key(self, encoder):
         ingredients = self.ingredients(encoder)
+        self.regions = getattr(encoder, 'grid_size', 0) ** 2  # 0: pooled features
         self.key = _digest(ingredients)
         self.path, self.meta_path = self._name(self.key)
         return ingredients
@@ -542,10 +548,10 @@ class FeatureDataset(data.Dataset):
             False (validation) always reads view 0, the centre crop. Default: True
 
     Outputs: feature, caption
-        * feature: FloatTensor of shape (D,)
+        * feature: FloatTensor of shape (D,), or (R, D) from a grid cache (EncoderCNN.grid_size > 0)
         * caption: LongTensor of shape (L,), [<start>, w1, ..., wn, <end>]
 
-    where: D = 2048, L = caption length including <start> and <end>
+    where: D = 2048, R = grid_size ** 2 regions, L = caption length including <start> and <end>
 
     The captions are encoded once (data_loader.encode_caption) and kept in one flat array;
     the ids are also saved next to the features, since tokenizing COCO's 414k captions takes
@@ -556,7 +562,8 @@ class FeatureDataset(data.Dataset):
         if cache.features is None:
             raise RuntimeError("FeatureDataset: the cache is not loaded; call cache.load_or_build(encoder, device) first")
         self.cache, self.seed, self.train, self.epoch = cache, int(seed), train, 0
-        self.path, self.shape = cache.path, cache.features.shape  # (V, N, D)
+        self.path, self.shape = cache.path, cache.features.shape  # (V, N, D), or (V, N, R*D) for a grid
+        self.regions = cache.regions
         self._features = cache.features
         coco = cache.coco
         # annotation ids, item order; captions of missing pictures are left out, as CocoDataset's
@@ -615,7 +622,9 @@ class FeatureDataset(data.Dataset):
             self._features = np.load(self.path, mmap_mode='r')
             assert self._features.shape == self.shape, f'{self.path} changed under a running job'
         # np.array copies the 8 KB row out of the read-only map: torch wants writable memory
-        feature = torch.from_numpy(np.array(self._features[self.view(index), self.rows[index]]))  # (D,)
+        feature = torch.from_numpy(np.array(self._features[self.view(index), self.rows[index]]))  # (D,) or (R*D,)
+        if self.regions:
+            feature = feature.view(self.regions, -1)                                              # (R, D)
         return feature, self.caption(index)
 
     def caption(self, index):

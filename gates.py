@@ -4,7 +4,8 @@
 
 `record_gates` runs the decoder's own greedy decoding (DecoderRNN.generate with beam size 1,
 which gives the tokens sample.py prints) on my_LSTM's plain path, where each my_LSTMCell step
-appends its gates to the cell's ``gate_log``; `plot_gates` draws one PNG from that run: the
+appends its gates to the cell's ``gate_log`` (AttentionDecoder steps its one my_LSTMCell
+itself, and takes the plain path whenever the cell logs); `plot_gates` draws one PNG from that run: the
 input, forget and output gates' mean activation at each generated word, and a heatmap of the
 memory cells that change most over the words. The normal decoding path is left as it is: the
 flags are set for this one run and restored after it.
@@ -27,8 +28,8 @@ def record_gates(decoder, features, max_seq_length=None, layer=-1):
     of each tensor belongs to the t-th generated token.
 
     Args:
-        decoder: a DecoderRNN whose lstm is a my_LSTM
-        features: (1, E), from EncoderCNN
+        decoder: a DecoderRNN whose lstm is a my_LSTM, or an AttentionDecoder on a my_LSTMCell
+        features: (1, E), or (1, R, E) for AttentionDecoder, from EncoderCNN
         max_seq_length: tokens generated at most. Default: None (the decoder's own, as sample())
         layer: which layer's cell to record (-1: the top one, which feeds the words). Default: -1
 
@@ -39,23 +40,38 @@ def record_gates(decoder, features, max_seq_length=None, layer=-1):
 
     where: T = generated tokens (max_seq_length, or fewer when beam search stops at <end>)
     """
-    lstm = decoder.lstm
-    if not (hasattr(lstm, 'cells') and hasattr(lstm, 'fused')):
-        raise ValueError(f"gates: the decoder's LSTM is a {type(lstm).__name__}; only my_LSTM's cells record their gates")
-    if features.dim() != 2 or features.size(0) != 1:
-        raise ValueError(f"gates: Expected features of one picture, shape (1, E), got {tuple(features.shape)}")
-    cell = lstm.cells[f'l{range(lstm.num_layers)[layer]}']
-    log, fused, old_log = [], lstm.fused, cell.gate_log
+    lstm, cell = recorded_cell(decoder, layer)
+    if features.dim() not in (2, 3) or features.size(0) != 1:
+        raise ValueError(f"gates: Expected features of one picture, shape (1, E) or (1, R, E), "
+                         f"got {tuple(features.shape)}")
+    log, old_log = [], cell.gate_log
+    fused = lstm.fused if lstm is not None else None
     try:
-        lstm.fused = False  # the plain path: my_LSTMCell step by step, which logs
-        cell.gate_log = log
+        if lstm is not None:
+            lstm.fused = False  # the plain path: my_LSTMCell step by step, which logs
+        cell.gate_log = log     # (AttentionDecoder takes the plain path whenever its cell logs)
         ids = decoder.generate(features, beam_size=1, max_seq_length=max_seq_length)[0]
     finally:
-        lstm.fused, cell.gate_log = fused, old_log
-    assert len(log) >= len(ids), f'gates: {len(log)} logged steps for {len(ids)} tokens'
+        if lstm is not None:
+            lstm.fused = fused
+        cell.gate_log = old_log
+    # AttentionDecoder's greedy decoding stops at <end> and pads after it: those steps never ran
+    ids = [int(i) for i in ids][:len(log)]
     record = {k: torch.cat([step[k] for step in log[:len(ids)]]).float().cpu() for k in 'ifgoch'}  # (T, .)
-    record['ids'] = [int(i) for i in ids]
+    record['ids'] = ids
     return record
+
+
+def recorded_cell(decoder, layer=-1):
+    """(my_LSTM or None, the my_LSTMCell whose gates to record): DecoderRNN's layer `layer`,
+    or AttentionDecoder's one cell (no my_LSTM around it)."""
+    lstm = getattr(decoder, 'lstm', None)
+    if lstm is None and hasattr(getattr(decoder, 'cell', None), 'gate_log'):
+        return None, decoder.cell
+    if not (hasattr(lstm, 'cells') and hasattr(lstm, 'fused')):
+        name = type(lstm if lstm is not None else getattr(decoder, 'cell', None)).__name__
+        raise ValueError(f"gates: the decoder's LSTM is a {name}; only my_LSTM's cells record their gates")
+    return lstm, lstm.cells[f'l{range(lstm.num_layers)[layer]}']
 
 
 def caption_words(ids, vocab):
@@ -86,7 +102,7 @@ def gate_summary(record, steps, cells=24):
     return {'means': means, 'cell_ids': cell_ids, 'cells': c[:, cell_ids].T}  # cells: (K, T)
 
 
-def gate_figure(summary, words, caption, layer_name='', hidden_size=None):
+def gate_figure(summary, words, caption, layer_name='', hidden_size=None, lstm_name='my_LSTM'):
     """A matplotlib Figure (no pyplot, no display needed) of a gate_summary over the words."""
     from matplotlib.figure import Figure
 
@@ -110,7 +126,7 @@ def gate_figure(summary, words, caption, layer_name='', hidden_size=None):
     fig.colorbar(image, ax=bottom, label='memory c (cell state)', pad=0.01)
     bottom.set_xticks(steps, words, rotation=45, ha='right', rotation_mode='anchor')
     bottom.set_xlabel('the word written at each step (each step reads the one before; the first reads the picture)')
-    fig.suptitle(f'"{caption}"\nmy_LSTM{" " + layer_name if layer_name else ""}: gates and memory while it '
+    fig.suptitle(f'"{caption}"\n{lstm_name}{" " + layer_name if layer_name else ""}: gates and memory while it '
                  'writes each word', fontsize=11)
     return fig
 
@@ -120,15 +136,16 @@ def plot_gates(decoder, features, vocab, path, max_seq_length=None, layer=-1, ce
     atomically). expected_ids: the tokens the caller printed (its own decoding run); a warning
     says so if the recorded run wrote other ones. Returns the caption's words."""
     record = record_gates(decoder, features, max_seq_length=max_seq_length, layer=layer)
-    if expected_ids is not None and [int(i) for i in expected_ids] != record['ids']:
+    if expected_ids is not None and [int(i) for i in expected_ids][:len(record['ids'])] != record['ids']:
         warnings.warn('gates: the recorded decoding wrote another caption than the one printed '
                       '(a near-tie between two words, rounded differently on the plain path)')
     words = caption_words(record['ids'], vocab)
     summary = gate_summary(record, len(words), cells=cells)
     caption = ' '.join(w for w in words if w not in ('<start>', '<end>'))
-    layer_index = range(decoder.lstm.num_layers)[layer]
-    name = f'layer {layer_index}' if decoder.lstm.num_layers > 1 else ''
-    fig = gate_figure(summary, words, caption, name, hidden_size=record['c'].size(1))
+    num_layers = decoder.lstm.num_layers if hasattr(decoder, 'lstm') else 1
+    name = f'layer {range(num_layers)[layer]}' if num_layers > 1 else ''
+    lstm_name = 'my_LSTM' if hasattr(decoder, 'lstm') else 'AttentionDecoder\'s my_LSTMCell'
+    fig = gate_figure(summary, words, caption, name, hidden_size=record['c'].size(1), lstm_name=lstm_name)
     with atomic_write(path) as f:
         fig.savefig(f, format='png', dpi=110)
     return words

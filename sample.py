@@ -36,6 +36,9 @@ def get_args(argv=None):
     parser.add_argument('--output', type=str, default=None, help='folder for the captioned pictures (PNG)')
     parser.add_argument('--gates', type=str, default=None, metavar='OUT.png',
                         help="also draw the LSTM's gates while it writes the first picture's caption (PNG)")
+    parser.add_argument('--attention', type=str, default=None, metavar='OUT.png',
+                        help="also draw where a --decoder attention model looked for each word of the first "
+                             "picture's caption (PNG)")
     parser.add_argument('--seed', type=int, default=0, help='seeds torch (decoding itself is deterministic)')
     parser.add_argument('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help="'cpu', 'cuda', 'cuda:1', 'mps'")
@@ -44,8 +47,9 @@ def get_args(argv=None):
         parser.error(f'--beam_size must be at least 1, got {args.beam_size}')
     if args.max_seq_length is not None and args.max_seq_length < 1:
         parser.error(f'--max_seq_length must be at least 1, got {args.max_seq_length}')
-    if args.gates and args.beam_size != 1:
-        parser.error('--gates draws the greedy decoding: use it with --beam_size 1')
+    for flag in ('gates', 'attention'):
+        if getattr(args, flag) and args.beam_size != 1:
+            parser.error(f'--{flag} draws the greedy decoding: use it with --beam_size 1')
     given = [p is not None for p in (args.encoder_path, args.decoder_path, args.vocab_path)]
     if any(given) and args.checkpoint:
         parser.error('give either --checkpoint or --encoder_path/--decoder_path/--vocab_path, not both')
@@ -126,10 +130,11 @@ def main(argv=None):
         why = why_not_writable(args.output)
         if why:
             fail('sample.py', f'cannot write into --output {args.output} ({why}): pass a folder you can write to')
-    if args.gates:
-        why = why_not_writable(os.path.dirname(os.path.abspath(args.gates)))
+    for flag in ('gates', 'attention'):
+        out = getattr(args, flag)
+        why = out and why_not_writable(os.path.dirname(os.path.abspath(out)))
         if why:
-            fail('sample.py', f'cannot write --gates {args.gates} ({why}): pass a path in a folder you can write to')
+            fail('sample.py', f'cannot write --{flag} {out} ({why}): pass a path in a folder you can write to')
 
     kw = dict(encoder_path=args.encoder_path, decoder_path=args.decoder_path, vocab_path=args.vocab_path)
     if args.checkpoint is None and not any(kw.values()) and use_tutorial_files(args.model_path):
@@ -140,6 +145,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, EncoderWeightsError) as e:
         fail('sample.py', e)
     print(f'model: {captioner.source}', file=sys.stderr)  # stderr: stdout holds only the captions
+    if args.attention and not hasattr(captioner.decoder, 'attend'):
+        fail('sample.py', f'--attention: {captioner.source} holds the tutorial\'s DecoderRNN, which has no attention: '
+                          f'train a model with python train.py --decoder attention')
 
     tensors = [load_image(p, captioner.image_size, captioner.crop_size) for p in paths]
     captions = []
@@ -161,14 +169,21 @@ def main(argv=None):
                 canvas.show()  # a desktop session: open it in the image viewer too
     if args.output:
         print(f'wrote {len(paths)} captioned picture(s) to {args.output}')
+    if args.gates or args.attention:
+        with torch.no_grad():
+            features = captioner.encoder(tensors[0].to(device))  # (1, E), or (1, R, E) for attention
     if args.gates:
         import gates  # matplotlib, only when asked for
         os.makedirs(os.path.dirname(os.path.abspath(args.gates)), exist_ok=True)
-        with torch.no_grad():
-            features = captioner.encoder(tensors[0].to(device))  # (1, E)
         gates.plot_gates(captioner.decoder, features, captioner.vocab, args.gates,
                          max_seq_length=args.max_seq_length, expected_ids=captions[0])
         print(f'wrote the gates of {paths[0]} to {args.gates}')
+    if args.attention:
+        import attention_map  # matplotlib, only when asked for
+        os.makedirs(os.path.dirname(os.path.abspath(args.attention)), exist_ok=True)
+        attention_map.plot_attention(captioner.decoder, features, tensors[0], captioner.vocab, args.attention,
+                                     max_seq_length=args.max_seq_length, expected_ids=captions[0])
+        print(f'wrote the attention of {paths[0]} to {args.attention}')
 
 
 if __name__ == '__main__':

@@ -32,10 +32,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from checkpoint import (EncoderWeightsError, build_encoder, encoder_id, encoder_spec, encoder_state,
-                        load_checkpoint, load_ours, save_checkpoint)
+from checkpoint import (DECODERS, EncoderWeightsError, build_decoder, build_encoder, encoder_id, encoder_spec,
+                        encoder_state, grid_size, load_checkpoint, load_ours, save_checkpoint)
 from data_loader import CocoDataset, collate_fn, image_transform, worker_init_fn
-from model import DecoderRNN
+from model import AttentionDecoder
 from progress import progress as show_progress  # train.py's Progress is the run's position
 from utils import HelpFormatter, atomic_write, fail, pid_alive, remove_stale_temporaries, why_not_writable
 from vocab import load_vocab
@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - Windows: keeping runs apart is up to t
     fcntl = None
 
 PROG = 'train.py'
-ARCHITECTURE = ('embed_size', 'hidden_size', 'num_layers')  # what the saved weights' shapes fix
+ARCHITECTURE = ('embed_size', 'hidden_size', 'num_layers', 'decoder', 'grid_size')  # what the saved weights' shapes fix
 
 
 def get_args(argv=None):
@@ -73,6 +73,12 @@ def get_args(argv=None):
     parser.add_argument('--hidden_size', type=int, default=512, help='dimension of lstm hidden states')
     parser.add_argument('--num_layers', type=int, default=1, help='number of layers in lstm')
     parser.add_argument('--max_seq_length', type=int, default=20, help='longest caption sample() generates')
+    parser.add_argument('--decoder', type=str, default='rnn', choices=DECODERS,
+                        help="the tutorial's DecoderRNN, or Show, Attend and Tell's attention over image regions")
+    parser.add_argument('--grid_size', type=int, default=7,
+                        help='--decoder attention: the ResNet map pooled to G x G regions (at most crop_size/32)')
+    parser.add_argument('--attention_penalty', type=float, default=0.1,
+                        help="--decoder attention: lambda of the doubly stochastic penalty on the attention weights")
     parser.add_argument('--encoder_weights', type=str, default='imagenet',
                         help="frozen ResNet-152 weights: 'imagenet', 'none' (random, seeded by --seed) or a path")
     # optimisation
@@ -122,7 +128,25 @@ def get_args(argv=None):
         parser.error(f'--val_fraction must be in (0, 1), got {args.val_fraction}')
     if args.crop_size > args.image_size:
         parser.error(f'--crop_size {args.crop_size} is larger than --image_size {args.image_size}')
+    why = attention_args_problem(args)
+    if why:
+        parser.error(why)
     return args
+
+
+def attention_args_problem(args):
+    """What is wrong with --decoder attention's flags (one line), or None."""
+    if args.decoder != 'attention':
+        return None
+    map_size = math.ceil(args.crop_size / 32)  # the ResNet's last map is the crop downsampled 32 times
+    if not 1 <= args.grid_size <= map_size:
+        return (f'--grid_size must be from 1 to {map_size} (the ResNet map of a {args.crop_size} crop is '
+                f'{map_size} x {map_size}), got {args.grid_size}')
+    if args.num_layers != 1:
+        return f'--decoder attention steps one LSTM cell: --num_layers must be 1, got {args.num_layers}'
+    if not 0 <= args.attention_penalty < math.inf:
+        return f'--attention_penalty must be 0 or more, got {args.attention_penalty}'
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -173,27 +197,33 @@ class EpochBatchSampler(BatchSampler):
 
 
 def encode(encoder, inputs):
-    """(N, E) image embeddings from what a batch holds: pictures (N, 3, crop, crop), which go
-    through the frozen ResNet, or its cached features (N, 2048), which skip it. The batch
-    says which, so training and validation data of different kinds can never be mixed up."""
-    return encoder.project(inputs) if inputs.dim() == 2 else encoder(inputs)
+    """(N, E) image embeddings, or (N, R, E) regions, from what a batch holds: pictures (N, 3,
+    crop, crop), which go through the frozen ResNet, or its cached features (N, 2048) or
+    (N, R, 2048), which skip it. The batch says which, so training and validation data of
+    different kinds can never be mixed up."""
+    return encoder.project(inputs) if inputs.dim() < 4 else encoder(inputs)
 
 
 class TrainModel(nn.Module):
     """Encoder and decoder as one module, so DistributedDataParallel sees one forward.
 
     Inputs: inputs, captions, lengths
-        * inputs: images (N, 3, crop, crop), or cached ResNet features (N, 2048)
+        * inputs: images (N, 3, crop, crop), or cached ResNet features (N, 2048) or (N, R, 2048)
         * captions, lengths: as DecoderRNN's
-    Outputs: logits (sum(lengths), V)
+    Outputs: logits (sum(lengths), V), and penalty: the attention's doubly stochastic penalty
+        (a scalar tensor) for AttentionDecoder, None for DecoderRNN
     """
 
-    def __init__(self, encoder, decoder):
+    def __init__(self, encoder, decoder, attention_penalty=0.0):
         super().__init__()
-        self.encoder, self.decoder = encoder, decoder
+        self.encoder, self.decoder, self.attention_penalty = encoder, decoder, attention_penalty
 
     def forward(self, inputs, captions, lengths):
-        return self.decoder(encode(self.encoder, inputs), captions, lengths)  # (sum(lengths), V)
+        features = encode(self.encoder, inputs)
+        if isinstance(self.decoder, AttentionDecoder):
+            logits, alphas = self.decoder(features, captions, lengths, return_alphas=True)
+            return logits, self.decoder.doubly_stochastic(alphas, lengths, self.attention_penalty)
+        return self.decoder(features, captions, lengths), None  # (sum(lengths), V)
 
 
 # ---------------------------------------------------------------------------
@@ -289,8 +319,11 @@ def make_loaders(args, train_set, val_set, world_size, rank, device):
                      worker_init_fn=worker_init_fn)
     # the validation loader lives through the run, so its workers can too; the training loader is
     # made anew each epoch (a resumed epoch starts at its batch), and its workers with it
+    # its own generator too: each pass would otherwise draw its workers' base seed from the global
+    # random stream, and a run validated mid-epoch (--max_steps) would resume on other dropout masks
     val_loader = DataLoader(val_pictures, batch_size=args.batch_size, sampler=val_sampler,
-                            persistent_workers=args.num_workers > 0, **dict(loader_kw, collate_fn=collate_pictures))
+                            persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
+                            **dict(loader_kw, collate_fn=collate_pictures))
     return sampler, val_loader, loader_kw
 
 
@@ -302,6 +335,7 @@ def build_model(args, vocab, device, master):
     try:
         spec = encoder_spec(args.encoder_weights, args.seed)
         encoder = build_encoder(args.embed_size, spec).to(device)
+        encoder.grid_size = grid_size(vars(args))
     except (FileNotFoundError, ValueError, EncoderWeightsError) as e:
         fail(PROG, e)
     if device.type == 'cuda':
@@ -309,8 +343,7 @@ def build_model(args, vocab, device, master):
     if spec['source'] == 'none' and master:
         print('note: the encoder runs on random weights (--encoder_weights none): captions can only use what '
               'random convolutional features keep (colour, position, size, count)')
-    decoder = DecoderRNN(args.embed_size, args.hidden_size, len(vocab), args.num_layers,
-                         args.max_seq_length).to(device)
+    decoder = build_decoder(vars(args), len(vocab)).to(device)
     return encoder, decoder, spec
 
 
@@ -390,9 +423,10 @@ def train_one_epoch(ddp, loader, optimizer, scaler, progress, args, device, stop
         captions = captions.to(device, non_blocking=True)
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
         with torch.autocast(device.type, dtype=amp_dtype(args), enabled=args.amp != 'off'):
-            loss = criterion(ddp(inputs, captions, lengths).float(), targets)
+            logits, penalty = ddp(inputs, captions, lengths)
+            loss = criterion(logits.float(), targets)  # the lab's Loss: cross-entropy per word
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss if penalty is None else loss + penalty).backward()
         scaler.step(optimizer)
         scaler.update()
         progress.step, progress.global_step = step + 1, progress.global_step + 1
@@ -524,8 +558,8 @@ def recalibrate_bn(model, loader, device, num_batches):
                 if i == num_batches:
                     break
                 inputs = inputs.to(device)
-                features = inputs if inputs.dim() == 2 else model.encoder.extract(inputs)  # (N, 2048)
-                bn(model.encoder.linear(features))
+                features = inputs if inputs.dim() < 4 else model.encoder.extract(inputs)  # (N, 2048) or (N, R, 2048)
+                model.encoder.project(features)
                 bar.update(1)
     finally:
         bn.momentum = momentum
@@ -788,6 +822,8 @@ def load_resume(args):
         setattr(args, name, ckpt['args'].get(name, getattr(args, name)))
     if changed:
         print(f'note: --resume: {args.resume} was trained with {", ".join(changed)}; continuing with its sizes')
+    if attention_args_problem(args):
+        fail(PROG, f'--resume: {args.resume} holds an attention decoder: {attention_args_problem(args)}')
     return ckpt
 
 
@@ -931,7 +967,7 @@ def set_up(args, rank, world_size, device, master):
         train_set, val_set = make_datasets(args, vocab, encoder, spec, device, rank)
     except (OSError, ValueError) as e:  # missing pictures or captions, no room for the feature cache
         fail(PROG, e)
-    model = TrainModel(encoder, decoder).train()
+    model = TrainModel(encoder, decoder, args.attention_penalty).train()
     ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if world_size > 1 else model
     optimizer, scaler = make_optimizer(args, encoder, decoder, device)
     progress = Progress(args, model, optimizer, scaler, vocab, spec)

@@ -168,6 +168,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker('cuda')
 
 
+def torchrun_train(tmp_path, args, nproc=2):
+    """`torchrun --nproc_per_node=nproc train.py ARGS` on the CPU (gloo), one thread a process; it
+    must end by itself and leave no process (finish). Returns (CompletedProcess, [each rank's
+    named_parameters() at the end, as tensors])."""
+    wrapper = tmp_path / 'ddp_main.py'
+    wrapper.write_text(
+        'import os, sys, torch\n'
+        f'sys.path.insert(0, {REPO!r})\n'
+        'import train\n'
+        'model = train.main(sys.argv[1:])\n'
+        f'torch.save(dict(model.named_parameters()), os.path.join({str(tmp_path)!r}, f"rank{{os.environ[\'RANK\']}}.pt"))\n')
+    proc = start(['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', wrapper, *args],
+                 env={'OMP_NUM_THREADS': '1'})
+    stdout, stderr = finish(proc, timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    import torch  # only the tests that train need it
+    return (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+            [torch.load(tmp_path / f'rank{r}.pt') for r in range(nproc)])
+
+
 @pytest.fixture(scope='session')
 def tiny_coco(tmp_path_factory):
     """(image_dir, caption_path) of a 12-picture, 24-caption COCO-format set."""

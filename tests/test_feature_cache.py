@@ -432,6 +432,7 @@ if {handler!r} == 'raise':  # train.py's: SIGTERM becomes a KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
 class Encoder(torch.nn.Module):  # EncoderCNN's interface around a cheap, slow stand-in for the ResNet
     fingerprint, extract = EncoderCNN.fingerprint, EncoderCNN.extract
+    grid_size = 0  # the pooled vector
     def __init__(self):
         super().__init__()
         self.resnet = torch.nn.Sequential(torch.nn.Conv2d(3, 2048, 5, stride=4), torch.nn.AdaptiveAvgPool2d(1))

@@ -36,7 +36,10 @@ FLOWS = {
     'amp bf16': ['--amp', 'bf16'],
     'num_layers 2': ['--num_layers', 2],
     'recalibrate_bn 2': ['--recalibrate_bn', 2],
+    # a 48 crop gives the ResNet a 2 x 2 map: 4 regions
+    'decoder attention': ['--decoder', 'attention', '--crop_size', 48, '--grid_size', 2],
 }
+SHARED = {'defaults': 'default_run', 'decoder attention': 'attention_run'}  # flows whose models/ other tests read
 TRAIN = [*TINY_SIZES, '--num_epochs', 2, '--batch_size', 4, '--learning_rate', 0.01]
 VALIDATION_LINE = re.compile(r'^Validation after epoch \[(\d+)/(\d+)\]: Loss: \d+\.\d{4}, Perplexity: \d+\.\d{4}',
                              re.M)
@@ -79,6 +82,13 @@ def default_run(data_root, tmp_path_factory):
     return root, train_flow(data_root, root, FLOWS['defaults'])
 
 
+@pytest.fixture(scope='module')
+def attention_run(data_root, tmp_path_factory):
+    """ROOT after `python train.py --decoder attention ...` (shared as default_run is)."""
+    root = tmp_path_factory.mktemp('attention')
+    return root, train_flow(data_root, root, FLOWS['decoder attention'])
+
+
 BUILD_ENCODER = checkpoint.build_encoder
 
 
@@ -116,9 +126,9 @@ def check_run(proc, root, epochs):
 
 
 @pytest.mark.parametrize('flow', FLOWS)
-def test_train_flow(flow, data_root, default_run, tmp_path, shared_encoder):
-    if flow == 'defaults':
-        root, proc = default_run
+def test_train_flow(flow, data_root, tmp_path, shared_encoder, request):
+    if flow in SHARED:
+        root, proc = request.getfixturevalue(SHARED[flow])
     else:
         root, proc = tmp_path, train_flow(data_root, tmp_path, FLOWS[flow])
     check_run(proc, root, epochs=range(2))
@@ -155,3 +165,37 @@ def test_sample_and_evaluate_find_the_model(default_run, data_root):
     assert f'model: {chosen}' in proc.stdout
     assert os.path.isfile(root / 'models' / ('captions_val2014_results.json' if not data
                                              else 'captions_train2014_results.json'))
+
+
+def test_attention_resumes_samples_with_its_figure_and_evaluates(attention_run, tmp_path, shared_encoder):
+    """--decoder attention end to end: resumed to a third epoch (the checkpoint says which decoder
+    and grid it holds: no flag repeats them), then sample.py --attention --gates and evaluate.py
+    with no model flags."""
+    root, _ = attention_run
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    proc = run('train.py', *TRAIN, '--num_epochs', 3, '--resume', 'models/latest.pt', cwd=tmp_path)
+    assert 'resumed from models/latest.pt: epoch 2, step 0' in proc.stdout
+    check_run(proc, tmp_path, epochs=[2])
+    latest = load_checkpoint(tmp_path / 'models' / 'latest.pt')
+    assert (latest['args']['decoder'], latest['args']['grid_size']) == ('attention', 2)
+    assert isinstance(load_captioner(checkpoint=str(tmp_path / 'models' / 'best.pt')).decoder,
+                      checkpoint.AttentionDecoder)
+    proc = run('sample.py', '--image', 'data/resized2014/img_000.png', cwd=tmp_path)
+    words = proc.stdout.strip().splitlines()[-1].split()
+    proc = run('sample.py', '--image', 'data/resized2014/img_000.png', '--attention', 'figs/attention.png',
+               '--gates', 'figs/gates.png', cwd=tmp_path)
+    assert proc.stdout.strip().splitlines()[0].split() == words
+    for name in ('attention.png', 'gates.png'):
+        with Image.open(tmp_path / 'figs' / name) as plot:
+            assert plot.format == 'PNG' and plot.width > 400, name
+    data = [] if os.path.isdir(tmp_path / 'data' / 'resizedval2014') else [
+        '--image_dir', 'data/resized2014', '--caption_path', 'data/annotations/captions_train2014.json']
+    proc = run('evaluate.py', *data, '--num_workers', 0, cwd=tmp_path)
+    assert re.search(r'^BLEU-4 +\d+\.\d\d$', proc.stdout, re.M), proc.stdout
+
+
+def test_attention_figure_needs_an_attention_model(default_run):
+    root, _ = default_run
+    proc = run('sample.py', '--image', 'data/resized2014/img_000.png', '--attention', 'a.png', cwd=root, check=False)
+    assert proc.returncode == 2 and '--decoder attention' in proc.stderr and 'Traceback' not in proc.stderr
+    assert not os.path.exists(root / 'a.png')

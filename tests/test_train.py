@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from conftest import REPO, finish, run, start, train_args
+from conftest import REPO, finish, run, start, torchrun_train, train_args
 
 LAB_LINE = re.compile(r'^Epoch \[(\d+)/(\d+)\], Step \[(\d+)/(\d+)\], Loss: (\d+\.\d{4}), Perplexity: (\d+\.\d{4})$', re.M)
 
@@ -109,25 +109,14 @@ def test_bad_input_one_line_exit_2(tiny_coco, tiny_vocab, tmp_path):
 
 def test_two_processes_ddp_gloo(tiny_coco, tiny_vocab, tmp_path):
     """torchrun with 2 CPU processes: both end with the same weights, and the loss goes down."""
-    wrapper = tmp_path / 'ddp_main.py'
-    wrapper.write_text(
-        'import os, sys, torch\n'
-        f'sys.path.insert(0, {REPO!r})\n'
-        'import train\n'
-        'model = train.main(sys.argv[1:])\n'
-        f'torch.save(dict(model.named_parameters()), os.path.join({str(tmp_path)!r}, f"rank{{os.environ[\'RANK\']}}.pt"))\n')
     args = train_args(tiny_coco, tiny_vocab, tmp_path / 'models', '--num_epochs', 4, '--batch_size', 2,
                       '--log_step', 1, '--learning_rate', 0.01, '--device', 'cpu')
-    proc = start(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', wrapper, *args],
-                 env={'OMP_NUM_THREADS': '1'})
-    stdout, stderr = finish(proc, timeout=600)
-    assert proc.returncode == 0, stdout + stderr
-    lines = LAB_LINE.findall(stdout)
+    proc, (rank0, rank1) = torchrun_train(tmp_path, args)
+    lines = LAB_LINE.findall(proc.stdout)
     # 18 captions, 9 per process, 2 per step: 4 steps an epoch (a last batch of one is dropped:
     # BatchNorm1d cannot train on it); only rank 0 prints
     assert len(lines) == 4 * 4 and lines[0][3] == '4'
     assert float(lines[-1][4]) < float(lines[0][4]), 'the loss goes down'
-    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f'{name} differs between the ranks'
