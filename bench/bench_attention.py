@@ -20,11 +20,12 @@ import os
 import statistics
 import sys
 
-import torch
-import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cpu_env  # noqa: E402,F401  (first: OpenMP's settings must be in place before torch loads)
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+
 from bench_lstm import time_rounds  # noqa: E402  (bench/ is this script's folder)
 from model import AttentionDecoder, DecoderRNN  # noqa: E402  (the repository root is not a package)
 

@@ -169,7 +169,7 @@ def main(argv=None):
         captions = captions.to(device, non_blocking=True)
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
         with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
-            return criterion(model(inputs, captions, lengths).float(), targets)
+            return criterion(model(inputs, captions, lengths)[0].float(), targets)  # [1]: the attention penalty, None here
 
     def run(variant, steps):
         """`steps` whole training steps: (seconds per step, data seconds per step)."""
