@@ -11,7 +11,9 @@ Each line is stamped as it arrives; the table gives each stage's time, peak memo
 (/usr/bin/time -v, where there is one), what it left on disk, and the longest silence in its
 log (from the start to the first line, between two lines, or from the last line to the end).
 train.py's sub-stages are read off its log: from the line before the first of their lines to
-the last of them. Logs go to ROOT/logs/.
+the last of them; its training steps, from the last caption-encoding line to the first line
+after training (the lab's lines are not flushed one by one, so their stamps say when they
+reached the log, not when they were printed). Logs go to ROOT/logs/.
 """
 import argparse
 import os
@@ -26,7 +28,7 @@ TIME = '/usr/bin/time'
 # train.py's sub-stages: the prefix of their lines
 TRAIN_PARTS = (('feature cache (train)', 'feature cache', 0), ('encoding captions (train)', 'encoding captions', 0),
                ('feature cache (val)', 'feature cache', 1), ('encoding captions (val)', 'encoding captions', 1),
-               ('training steps', 'Epoch [', 0), ('validation', 'validating', 0),
+               ('validation', 'validating', 0),
                ('--select_by bleu4', 'captioning for --select_by', 0))
 
 
@@ -140,6 +142,11 @@ def main(argv=None):
         seconds, peak, stamped = run_stage(name, [str(a) for a in argv_], root, env)
         rows.append((name, seconds, peak, du(*outputs) / 1e6, longest_silence(stamped, 0.0, seconds)))
         if name == 'train.py':
+            starts = [t for t, line in stamped if line.startswith('encoding captions')]
+            ends = [t for t, line in stamped if line.startswith(('recalibrating bn', 'validating'))]
+            if starts and ends:
+                rows.append(('  training steps', ends[0] - starts[-1], None, None,
+                             longest_silence(stamped, starts[-1], ends[0])))
             for label, prefix, occurrence in TRAIN_PARTS:
                 span = part(stamped, prefix, occurrence)
                 if span:
