@@ -1,5 +1,4 @@
 """Long runs at COCO's size: what a log file shows, validation once per picture, the COCO-sized set."""
-import json
 import os
 import subprocess
 import sys
