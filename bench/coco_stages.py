@@ -1,6 +1,6 @@
 """Time every stage of a run on a synthetic COCO-sized set, as a user's log file would show it.
 
-    python bench/coco_stages.py --fraction 1 --root /tmp/coco     # COCO's full size: an hour or so on 2 cores
+    python bench/coco_stages.py --fraction 1 --root /tmp/coco     # COCO's full size: about an hour on 2 cores
     python bench/coco_stages.py --quick                           # a few dozen pictures, under a minute
 
 Makes the set (bench/make_coco.py), then runs build_vocab.py, resize.py (train and val),
@@ -109,7 +109,9 @@ def main(argv=None):
     parser.add_argument('--fraction', type=float, default=1.0, help="share of COCO 2014's sizes")
     parser.add_argument('--quick', action='store_true', help="make_coco.py's --quick set, 2 steps")
     parser.add_argument('--max_steps', type=int, default=300, help="train.py's --max_steps")
-    parser.add_argument('--num_workers', type=int, default=2, help="train.py's and evaluate.py's --num_workers")
+    parser.add_argument('--num_workers', type=int, default=0,
+                        help="train.py's and evaluate.py's --num_workers (0: a run that --max_steps stops "
+                             "mid-epoch may otherwise not exit, its DataLoader workers never ending)")
     parser.add_argument('--keep', action='store_true', help='keep a temporary --root')
     args = parser.parse_args(argv)
     root = args.root or os.path.join('/tmp', f'coco_stages_{os.getpid()}')
