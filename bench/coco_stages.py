@@ -69,6 +69,7 @@ def run_stage(name, argv, root, env):
             t = time.monotonic() - tic
             stamped.append((t, line.rstrip('\n')))
             log.write(f'{t:9.2f} {line}')
+            log.flush()  # readable while the stage runs
     seconds = time.monotonic() - tic
     if proc.returncode:
         sys.exit(f'{name} failed (exit {proc.returncode}); see {log.name}')
