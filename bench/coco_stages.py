@@ -12,8 +12,7 @@ Each line is stamped as it arrives; the table gives each stage's time, peak memo
 log (from the start to the first line, between two lines, or from the last line to the end).
 train.py's sub-stages are read off its log: from the line before the first of their lines to
 the last of them; its training steps, from the last caption-encoding line to the first line
-after training (the lab's lines are not flushed one by one, so their stamps say when they
-reached the log, not when they were printed). Logs go to ROOT/logs/.
+after training. Logs go to ROOT/logs/.
 """
 import argparse
 import os
