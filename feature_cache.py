@@ -59,7 +59,7 @@ import torchvision.transforms.functional as TF
 import data_loader
 from coco import existing_images, load_coco
 from data_loader import IMAGENET_MEAN, IMAGENET_STD, encode_caption, image_transform, open_rgb, worker_init_fn
-from progress import Progress
+from progress import Progress, rank_zero
 from utils import atomic_write, file_sha256, remove_stale_temporaries
 from vocab import tokenize
 
@@ -78,22 +78,10 @@ def _digest(*parts):
     return hashlib.sha256(jsonlib.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _rank_zero():
-    """True in the process that speaks for the run (rank 0 under torchrun, or the only one)."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_rank() != 0)
-
-
 def _say(message):
     """One line on stdout from the process that does the work (rank 0 under torchrun)."""
-    if _rank_zero():
+    if rank_zero():
         print(f'feature cache: {message}', flush=True)
-
-
-def _progress(iterable=None, total=None, desc='', unit=''):
-    """progress.Progress on rank 0; silent on the other ranks, which do the same work."""
-    speak = None if _rank_zero() else False
-    return Progress(iterable, total=total, desc=desc, unit=unit, bar=speak, lines=speak)
 
 
 def native_bf16(device='cpu'):
@@ -507,7 +495,7 @@ class FeatureCache:
 
     def _fill(self, out, encoder, device, loader):
         """Run the ResNet over every batch of views, writing into out: (V, N, D)."""
-        bar = _progress(total=out.shape[1], desc='feature cache', unit='images')
+        bar = Progress(total=out.shape[1], desc='feature cache', unit='images')
         # Channels-last (NHWC) is the layout cuDNN's and oneDNN's fast convolutions work in, above
         # all their bf16 ones. On the CPU in float32 the ResNet keeps train.py's NCHW, so that the
         # cached features are the ones the pictures give there, to the last rounding.
@@ -587,7 +575,7 @@ class FeatureDataset(data.Dataset):
         except (OSError, ValueError, KeyError):
             pass  # not there yet, or unreadable: encode again
         coco, lengths, chunks = cache.coco, [], []
-        for ann_id in _progress(self.ids.tolist(), desc='encoding captions', unit='captions'):
+        for ann_id in Progress(self.ids.tolist(), desc='encoding captions', unit='captions'):
             ids = encode_caption(coco.anns[ann_id]['caption'], vocab)  # exactly CocoDataset's
             chunks.append(ids.numpy())
             lengths.append(len(ids))

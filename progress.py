@@ -51,6 +51,7 @@ class Progress:
         desc: what is being done, e.g. 'resizing'
         unit: what is counted, e.g. 'images'. Default: 'items'
         bar: draw tqdm's bar on stderr. Default (None): where stderr is a terminal
+            (under torchrun, neither bar nor lines but on rank 0)
         lines: print the plain lines. Default (None): unless stdout and stderr are both
             terminals (then the bar says it all)
         file: where the lines go. Default: sys.stdout at the time of each line
@@ -64,9 +65,10 @@ class Progress:
             total = len(iterable)
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         stdout_tty, stderr_tty = _isatty(sys.stdout), _isatty(sys.stderr)
+        speaks = rank_zero()  # under torchrun every rank does the same work: one reports it
         self.bar = tqdm(total=total, desc=desc, unit=f' {unit}', leave=False, dynamic_ncols=True) \
-            if (stderr_tty if bar is None else bar) else None
-        self.lines = not (stdout_tty and stderr_tty) if lines is None else lines
+            if (stderr_tty if bar is None else bar) and speaks else None
+        self.lines = speaks and (not (stdout_tty and stderr_tty) if lines is None else lines)
         self.file, self.clock = file, clock
         self.interval = interval_s() if interval is None else interval
         self.count, self.postfix, self.closed = 0, '', False
@@ -155,6 +157,13 @@ class Progress:
 def progress(iterable=None, total=None, desc='', unit='items', **kwargs):
     """Progress(...): the one way every script shows how far long work has got."""
     return Progress(iterable, total=total, desc=desc, unit=unit, **kwargs)
+
+
+def rank_zero():
+    """True in the process that reports for the run: rank 0 under torchrun, or the only one.
+    torch is looked up, not imported: scripts that never load it (build_vocab.py) stay light."""
+    dist = sys.modules.get('torch.distributed')
+    return dist is None or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _isatty(stream):

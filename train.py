@@ -36,7 +36,7 @@ from checkpoint import (DECODERS, EncoderWeightsError, build_decoder, build_enco
                         encoder_state, grid_size, load_checkpoint, load_ours, save_checkpoint)
 from data_loader import CocoDataset, collate_fn, image_transform, worker_init_fn
 from model import AttentionDecoder
-from progress import progress as show_progress  # train.py's Progress is the run's position
+from progress import progress as show_progress, rank_zero  # train.py's Progress is the run's position
 from utils import HelpFormatter, atomic_write, fail, pid_alive, remove_stale_temporaries, why_not_writable
 from vocab import load_vocab
 
@@ -507,11 +507,6 @@ def trial_pictures(args):
     return max(1, steps * args.batch_size // 5) if steps else None
 
 
-def speaks():
-    """True in the process that prints (rank 0 under torchrun, or the only one)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 @torch.no_grad()
 def validate(model, loader, device, args):
     """Mean cross-entropy per predicted token over the validation captions, and its exp.
@@ -519,14 +514,13 @@ def validate(model, loader, device, args):
     `loader` yields collate_pictures batches: each picture is encoded once, and its embedding
     goes with each of its captions."""
     pictures = loader.dataset
-    if len(pictures) < pictures.available and speaks():
+    if len(pictures) < pictures.available and rank_zero():
         print(f'validating on the first {len(pictures)} of {pictures.available} validation pictures '
               f'(a trial run: --dry_run or --max_steps)', flush=True)
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction='sum')
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    quiet = None if speaks() else False
-    with show_progress(total=len(loader.sampler), desc='validating', unit='pictures', bar=quiet, lines=quiet) as bar:
+    with show_progress(total=len(loader.sampler), desc='validating', unit='pictures') as bar:
         for inputs, owner, captions, lengths in loader:
             inputs, captions = inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
             targets = pack_padded_sequence(captions, lengths, batch_first=True).data
@@ -550,10 +544,8 @@ def recalibrate_bn(model, loader, device, num_batches):
     bn.reset_running_stats()
     momentum, bn.momentum = bn.momentum, None  # None: cumulative average
     model.train()
-    quiet = None if speaks() else False
     try:
-        with show_progress(total=min(num_batches, len(loader)), desc='recalibrating bn', unit='batches', bar=quiet,
-                           lines=quiet) as bar:
+        with show_progress(total=min(num_batches, len(loader)), desc='recalibrating bn', unit='batches') as bar:
             for i, (inputs, _, _) in enumerate(loader):
                 if i == num_batches:
                     break
@@ -581,9 +573,8 @@ def select_score(args, model, val_set, vocab, device, val_loss):
     references = {i: [a['caption'] for a in coco.imgToAnns[i]] for i in image_ids}
     model.eval()
     captions = []
-    quiet = None if speaks() else False
-    with show_progress(total=len(image_ids), desc=f'captioning for --select_by {args.select_by}', unit='pictures',
-                  bar=quiet, lines=quiet) as bar:
+    with show_progress(total=len(image_ids), desc=f'captioning for --select_by {args.select_by}',
+                       unit='pictures') as bar:
         for start in range(0, len(image_ids), args.batch_size):
             inputs = torch.stack([base[first[i]][0] for i in image_ids[start:start + args.batch_size]]).to(device)
             ids = model.decoder.generate(encode(model.encoder, inputs))
@@ -591,7 +582,7 @@ def select_score(args, model, val_set, vocab, device, val_loss):
             bar.update(len(ids))
     model.train()
     score = metrics.bleu4 if args.select_by == 'bleu4' else metrics.cider_d
-    return score(references, dict(zip(image_ids, captions)), verbose=speaks())
+    return score(references, dict(zip(image_ids, captions)), verbose=rank_zero())
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Time every stage of a run on a synthetic COCO-sized set, as a user's log file would show it.
 
-    python bench/coco_stages.py --fraction 1 --root /tmp/coco     # COCO's full size: an hour or so on 2 cores
+    python bench/coco_stages.py --fraction 1 --root /tmp/coco     # COCO's full size: about an hour on 2 cores
     python bench/coco_stages.py --quick                           # a few dozen pictures, under a minute
 
 Makes the set (bench/make_coco.py), then runs build_vocab.py, resize.py (train and val),
@@ -11,7 +11,8 @@ Each line is stamped as it arrives; the table gives each stage's time, peak memo
 (/usr/bin/time -v, where there is one), what it left on disk, and the longest silence in its
 log (from the start to the first line, between two lines, or from the last line to the end).
 train.py's sub-stages are read off its log: from the line before the first of their lines to
-the last of them. Logs go to ROOT/logs/.
+the last of them; its training steps, from the last caption-encoding line to the first line
+after training. Logs go to ROOT/logs/.
 """
 import argparse
 import os
@@ -26,7 +27,7 @@ TIME = '/usr/bin/time'
 # train.py's sub-stages: the prefix of their lines
 TRAIN_PARTS = (('feature cache (train)', 'feature cache', 0), ('encoding captions (train)', 'encoding captions', 0),
                ('feature cache (val)', 'feature cache', 1), ('encoding captions (val)', 'encoding captions', 1),
-               ('training steps', 'Epoch [', 0), ('validation', 'validating', 0),
+               ('validation', 'validating', 0),
                ('--select_by bleu4', 'captioning for --select_by', 0))
 
 
@@ -67,6 +68,7 @@ def run_stage(name, argv, root, env):
             t = time.monotonic() - tic
             stamped.append((t, line.rstrip('\n')))
             log.write(f'{t:9.2f} {line}')
+            log.flush()  # readable while the stage runs
     seconds = time.monotonic() - tic
     if proc.returncode:
         sys.exit(f'{name} failed (exit {proc.returncode}); see {log.name}')
@@ -140,6 +142,11 @@ def main(argv=None):
         seconds, peak, stamped = run_stage(name, [str(a) for a in argv_], root, env)
         rows.append((name, seconds, peak, du(*outputs) / 1e6, longest_silence(stamped, 0.0, seconds)))
         if name == 'train.py':
+            starts = [t for t, line in stamped if line.startswith('encoding captions')]
+            ends = [t for t, line in stamped if line.startswith(('recalibrating bn', 'validating'))]
+            if starts and ends:
+                rows.append(('  training steps', ends[0] - starts[-1], None, None,
+                             longest_silence(stamped, starts[-1], ends[0])))
             for label, prefix, occurrence in TRAIN_PARTS:
                 span = part(stamped, prefix, occurrence)
                 if span:
