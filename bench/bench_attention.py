@@ -27,6 +27,7 @@ import torch.nn as nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 from bench_lstm import time_rounds  # noqa: E402  (bench/ is this script's folder)
+from report import machine, print_table  # noqa: E402
 from model import AttentionDecoder, DecoderRNN  # noqa: E402  (the repository root is not a package)
 
 QUICK = dict(batch_size=4, embed_size=16, hidden_size=32, vocab_size=50, grid_size=2, min_len=4, max_len=8,
@@ -118,17 +119,8 @@ def main(argv=None):
         rows.append((f'({c}) {desc}', f"{ms['my_LSTMCell']:.2f}", f"{ms['nn.LSTMCell']:.2f}",
                      f"{ms['my_LSTMCell'] / ms['nn.LSTMCell']:.2f}x", f"{ms['DecoderRNN']:.2f}",
                      f"{ms['my_LSTMCell'] / ms['DecoderRNN']:.2f}x"))
-    cpu = torch.backends.cpu.get_cpu_capability()
-    # the load average says whether other work shared the cores while this ran
-    print(f'torch {torch.__version__}, {args.threads} threads ({os.cpu_count()} cores, {cpu}), '
-          f'median of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}')
-    header = ('case', 'my_LSTMCell ms', 'nn.LSTMCell ms', 'ratio', 'DecoderRNN ms', 'vs DecoderRNN')
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: '| ' + ' | '.join(v.ljust(w) for v, w in zip(r, widths)) + ' |'
-    print(line(header))
-    print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-    for r in rows:
-        print(line(r))
+    print(f'{machine(args.threads)}; median of {args.rounds} rounds')  # the CPU, and the load that shared it
+    print_table(('case', 'my_LSTMCell ms', 'nn.LSTMCell ms', 'ratio', 'DecoderRNN ms', 'vs DecoderRNN'), rows)
     return rows
 
 
