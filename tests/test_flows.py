@@ -169,11 +169,11 @@ def test_sample_and_evaluate_find_the_model(default_run, data_root):
 
 def test_attention_resumes_samples_with_its_figure_and_evaluates(attention_run, tmp_path, shared_encoder):
     """--decoder attention end to end: resumed to a third epoch (the checkpoint says which decoder
-    and grid it holds: no flag repeats them), then sample.py --attention --gates and evaluate.py
+    and grid it holds: no flag repeats them; the crop, which the data sets take, is given again), then sample.py --attention --gates and evaluate.py
     with no model flags."""
     root, _ = attention_run
     shutil.copytree(root, tmp_path, dirs_exist_ok=True)
-    proc = run('train.py', *TRAIN, '--num_epochs', 3, '--resume', 'models/latest.pt', cwd=tmp_path)
+    proc = run('train.py', *TRAIN, '--crop_size', 48, '--num_epochs', 3, '--resume', 'models/latest.pt', cwd=tmp_path)
     assert 'resumed from models/latest.pt: epoch 2, step 0' in proc.stdout
     check_run(proc, tmp_path, epochs=[2])
     latest = load_checkpoint(tmp_path / 'models' / 'latest.pt')

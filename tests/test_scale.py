@@ -51,7 +51,7 @@ def test_validation_encodes_each_picture_once_and_gives_the_per_caption_loss(tmp
     with torch.no_grad():
         for inputs, caps, lengths in DataLoader(val_set, batch_size=3, collate_fn=collate_fn):
             targets = pack_padded_sequence(caps, lengths, batch_first=True).data
-            total += nn.CrossEntropyLoss(reduction='sum')(model(inputs, caps, lengths), targets).item()
+            total += nn.CrossEntropyLoss(reduction='sum')(model(inputs, caps, lengths)[0], targets).item()
             count += len(targets)
     assert sum(encoded) == 14
     encoded.clear()
