@@ -876,10 +876,26 @@ def epoch_loader(train_set, sampler, epoch, skip, args, loader_kw):
                       generator=torch.Generator().manual_seed(args.seed + epoch), **loader_kw)
 
 
-def last_save(progress):
-    if os.path.exists(progress.latest):
-        return f'{progress.latest} holds the last save'
-    return 'nothing was saved'
+def interrupted_again(progress, master):
+    """A second signal: stop at once, without saving (the model may be half-way through a step),
+    saying what is on disk."""
+    if master:
+        on_disk = f'{progress.latest} holds the last save' if os.path.exists(progress.latest) else 'nothing was saved'
+        print(f'\ninterrupted again: stopped without saving; {on_disk}', flush=True)
+    sys.exit(130)
+
+
+def save_and_stop(progress, stop, master):
+    """After a signal: save latest.pt (a second signal stops that too), say so, exit code 130."""
+    if master:
+        try:
+            with stop.deferred():
+                save(progress.latest, progress.checkpoint())
+        except KeyboardInterrupt:
+            interrupted_again(progress, master)
+        print(f'\ninterrupted: saved {progress.latest} at epoch {progress.epoch}, step {progress.step}; '
+              f'continue with --resume {progress.latest}', flush=True)
+    sys.exit(130)
 
 
 def main(argv=None):
@@ -914,22 +930,11 @@ def main(argv=None):
                 if ended == 'limit' or stop.stop_now(device):
                     break
         except KeyboardInterrupt:
-            if stop.signals > 1:  # a second signal: the model may be half-way through a step
-                if master:
-                    print(f'\ninterrupted again: stopped without saving; {last_save(progress)}', flush=True)
-                sys.exit(130)
+            if stop.signals > 1:
+                interrupted_again(progress, master)
             # one signal, in validation or scoring: the model is as the last step left it
         if stop.requested:
-            if master:
-                try:
-                    with stop.deferred():
-                        save(progress.latest, progress.checkpoint())
-                except KeyboardInterrupt:
-                    print(f'\ninterrupted again: stopped without saving; {last_save(progress)}', flush=True)
-                    sys.exit(130)
-                print(f'\ninterrupted: saved {progress.latest} at epoch {progress.epoch}, step {progress.step}; '
-                      f'continue with --resume {progress.latest}', flush=True)
-            sys.exit(130)
+            save_and_stop(progress, stop, master)
         if master:
             print(f'saved {progress.latest} and {progress.best_path}')
         return model
