@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import ctypes
 import hashlib
+import multiprocessing.util
 import os
 import re
 import signal
@@ -148,5 +149,8 @@ def leave_signals_to_parent(parent):
     def obey_parent():
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
             pass
+        # what a worker's normal exit runs: it removes the worker's /tmp/pymp-* folder, made
+        # when the worker first sent a tensor's shared memory to the main process
+        multiprocessing.util._run_finalizers()
         os._exit(0)
     threading.Thread(target=obey_parent, name='obey_parent', daemon=True).start()

@@ -45,7 +45,9 @@ def root(data, tmp_path):
 
 
 def test_ends_by_itself_within_seconds_of_its_last_line(root):
-    proc = start([TRAIN_PY, *TRAIN, '--num_epochs', 2], cwd=root)
+    tmp = root / 'tmp'
+    tmp.mkdir()
+    proc = start([TRAIN_PY, *TRAIN, '--num_epochs', 2], cwd=root, env={'TMPDIR': str(tmp)})
     lines = timed_lines(proc, timeout=240)
     finish(proc, timeout=30)
     assert proc.returncode == 0
@@ -53,6 +55,7 @@ def test_ends_by_itself_within_seconds_of_its_last_line(root):
     assert saved, ''.join(line for _, line in lines)
     assert lines[-1][0] - saved[0] < 10, 'the run ends after its last line'
     assert not os.path.exists(root / 'models' / 'train.lock'), 'a clean end removes the lock'
+    assert not os.listdir(tmp), "the workers' temporary folders (multiprocessing's pymp-*) are removed"
 
 
 def stop_during_training(root, send, *flags):
