@@ -629,7 +629,9 @@ def rng_state():
     state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
              'numpy': [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
     if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        # this process's own GPU only: under torchrun every rank draws the same stream on its
+        # own device, and a resume on another number of GPUs restores it just the same
+        state['cuda'] = torch.cuda.get_rng_state()
     return state
 
 
@@ -639,7 +641,7 @@ def set_rng_state(state):
     np_state = state['numpy']
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+        torch.cuda.set_rng_state(state['cuda'].cpu())
 
 
 def cannot_write(path, e):

@@ -52,6 +52,21 @@ def test_resume_continues_exactly(tiny_coco, tiny_vocab, tmp_path):
             assert torch.equal(a[part][key], b[part][key]), f'{part}.{key} differs after resume'
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_rng_state_restores_this_process_gpu_stream():
+    """The checkpoint holds the current GPU's stream only (what a torchrun rank draws from), so
+    it restores on any number of GPUs."""
+    import train
+    torch.cuda.manual_seed_all(3)
+    torch.rand(5, device='cuda')
+    state = train.rng_state()
+    assert isinstance(state['cuda'], torch.Tensor)
+    expected = torch.rand(5, device='cuda'), torch.rand(5)
+    torch.rand(7, device='cuda')
+    train.set_rng_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, (torch.rand(5, device='cuda'), torch.rand(5))))
+
+
 def _popen_train(args):
     return start([os.path.join(REPO, 'train.py'), *args])
 
