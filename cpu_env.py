@@ -9,8 +9,9 @@ Alone on a machine that costs nothing; when two runs share the cores, each run's
 threads hold the cores the other's working threads need, and both run far slower than
 their fair share (bench/bench_share.py measures it).
 
-So threads spin briefly, then sleep: GOMP_SPINCOUNT=1000 (tens of microseconds, which
-still bridges the gap between one op and the next of the same run) for libgomp, and
+So threads spin briefly, then sleep: GOMP_SPINCOUNT=3000 (tens of microseconds, which
+still bridges most gaps between one op and the next of the same run; a shorter spin costs a
+run alone more wake-ups, a longer one costs a shared CPU more spinning) for libgomp, and
 OMP_WAIT_POLICY=PASSIVE for the OpenMP runtimes that know no GOMP_SPINCOUNT (Intel's and
 LLVM's, in other torch builds); libgomp lets GOMP_SPINCOUNT override the policy's zero spin.
 
@@ -22,7 +23,7 @@ Subprocesses, DataLoader workers included, inherit them. The thread count stays 
 """
 import os
 
-DEFAULTS = {'OMP_WAIT_POLICY': 'PASSIVE', 'GOMP_SPINCOUNT': '1000'}
+DEFAULTS = {'OMP_WAIT_POLICY': 'PASSIVE', 'GOMP_SPINCOUNT': '3000'}
 
 if not any(k in os.environ for k in DEFAULTS):
     os.environ.update(DEFAULTS)

@@ -3,10 +3,11 @@
     flock /tmp/bench.lock python bench/bench_share.py      # both matmul libraries, old and new waiting
     python bench/bench_share.py --quick                     # tiny sizes, one round: seconds
 
-The run (what train.py does on a CPU, small): the frozen ResNet-152 over --images crops, as the
-feature cache's one pass does, then --steps training steps of the tutorial's decoder (my_LSTM's
-fused path, on the library under test) on those features. It runs in its own process (this
-file with --worker), as a user's script would, under one of two OpenMP settings:
+The run is what train.py does on a CPU at its default sizes, shortened: the frozen ResNet-152
+over --images crops of 224 x 224, as the feature cache's one pass does, then --steps training
+steps at batch 128 of the tutorial's decoder (my_LSTM's fused path, on the library under test)
+with a vocabulary of COCO's size on those features. It runs in its own process (this file with
+--worker), as a user's script would, under one of two OpenMP settings:
     old   libgomp's own default (GOMP_SPINCOUNT=300000, OMP_WAIT_POLICY unset): a thread that
           waits at a barrier spins for about 3 ms before it sleeps, holding a core
     new   what cpu_env.py sets where the user has set nothing
@@ -110,14 +111,15 @@ def main(argv=None):
     parser.add_argument('--cpu_matmul', default='both', choices=['both', 'mkl', 'onednn'],
                         help="the fused LSTM's CPU matmul library (LSTM_CPU_MATMUL) to measure. Default: both")
     # the run's sizes
-    parser.add_argument('--images', type=int, default=32, help='crops through the ResNet. Default: 32')
-    parser.add_argument('--crop_size', type=int, default=112, help='crop size. Default: 112')
+    parser.add_argument('--images', type=int, default=16, help='crops through the ResNet. Default: 16')
+    parser.add_argument('--crop_size', type=int, default=224, help="crop size. Default: train.py's, 224")
     parser.add_argument('--steps', type=int, default=20, help='decoder training steps. Default: 20')
-    parser.add_argument('--batch_size', type=int, default=32, help='crops per ResNet pass, captions per step. '
-                        'Default: 32')
+    parser.add_argument('--batch_size', type=int, default=128, help='crops per ResNet pass, captions per step. '
+                        "Default: train.py's, 128")
     parser.add_argument('--embed_size', type=int, default=256, help='E. Default: 256')
     parser.add_argument('--hidden_size', type=int, default=512, help='H. Default: 512')
-    parser.add_argument('--vocab_size', type=int, default=2000, help='V. Default: 2000')
+    parser.add_argument('--vocab_size', type=int, default=10000, help="V. Default: 10000 (COCO's at build_vocab's "
+                        'threshold)')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
