@@ -157,17 +157,24 @@ def _cpu_vendor():
 _CPU_VENDOR = _cpu_vendor()
 
 
-def cpu_matmul(t):
-    """The library the layer multiplies tensors like t with: 'onednn', 'mkl' or 'torch'."""
+def cpu_matmul(t, choice=None):
+    """The library the layer multiplies tensors like t with: 'onednn', 'mkl' or 'torch', as
+    `choice` (default: CPU_MATMUL) asks and this torch build allows."""
+    choice = CPU_MATMUL if choice is None else choice
     if t.device.type != 'cpu' or t.dtype != torch.float32:
         return 'torch'
-    if CPU_MATMUL not in ('auto', 'mkl', 'onednn'):
+    if choice not in ('auto', 'mkl', 'onednn'):
         raise ValueError("fused_lstm: CPU_MATMUL (or LSTM_CPU_MATMUL in the environment) must be 'auto', 'mkl' "
-                         f"or 'onednn', got {CPU_MATMUL!r}")
-    onednn = CPU_MATMUL == 'onednn' or (CPU_MATMUL == 'auto' and _CPU_VENDOR == 'AuthenticAMD')
+                         f"or 'onednn', got {choice!r}")
+    onednn = choice == 'onednn' or (choice == 'auto' and _CPU_VENDOR == 'AuthenticAMD')
     if onednn and _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
         return 'onednn'
     return 'mkl' if torch.backends.mkl.is_available() else 'torch'
+
+
+def cpu_matmuls():
+    """The CPU matmul libraries this torch build lets the layer call: ['mkl', 'onednn'] or fewer."""
+    return [lib for lib in ('mkl', 'onednn') if cpu_matmul(torch.zeros(1), lib) == lib]
 
 
 def _matmuls(lib):

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cpu_env  # noqa: E402,F401  (first: OpenMP's settings must be in place before torch loads)
 import torch  # noqa: E402
 
+import fused_lstm  # noqa: E402
 from report import machine, print_table  # noqa: E402
 
 TARGET_SHARED, TARGET_ALONE = 2.2, 1.05  # two at once / alone; new alone / old alone
@@ -88,18 +89,6 @@ def sizes(args):
             '--hidden_size', str(args.hidden_size), '--vocab_size', str(args.vocab_size)]
 
 
-def libraries():
-    """The CPU matmul libraries fused_lstm can call in this torch build."""
-    import fused_lstm
-    found, chosen = [], fused_lstm.CPU_MATMUL
-    for lib in ('mkl', 'onednn'):
-        fused_lstm.CPU_MATMUL = lib
-        if fused_lstm.cpu_matmul(torch.zeros(1)) == lib:
-            found.append(lib)
-    fused_lstm.CPU_MATMUL = chosen
-    return found
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true',
@@ -135,7 +124,7 @@ def main(argv=None):
     except ValueError:
         parser.error(f'--new {args.new}: expected KEY=VALUE[,KEY=VALUE]')
     settings = {'new': new} if args.quick else {'old': OLD, 'new': new}
-    libs = libraries() if args.cpu_matmul == 'both' else [args.cpu_matmul]
+    libs = fused_lstm.cpu_matmuls() if args.cpu_matmul == 'both' else [args.cpu_matmul]
     libs = libs[:1] if args.quick else libs
     load_start, tic = os.getloadavg()[0], time.perf_counter()
     times = {}                                              # (lib, setting) -> [(alone, two at once)]

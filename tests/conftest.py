@@ -160,6 +160,20 @@ def pytest_configure(config):
                                        'bench/gpu_check.py runs `pytest -m cuda`')
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Ends every run, -q included, with the machine its results hold for: the CPU, and the matmul
+    libraries my_LSTM's fused path can call here (each is tested; the default is the vendor's)."""
+    import torch
+
+    import fused_lstm
+    from bench.report import cpu_name
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA GPU'
+    terminalreporter.write_line(
+        f'machine: {cpu_name()}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}; '
+        f"my_LSTM's CPU matmul libraries: {', '.join(fused_lstm.cpu_matmuls())} (the default here: "
+        f"{fused_lstm.cpu_matmul(torch.zeros(1))})")
+
+
 def pytest_collection_modifyitems(config, items):
     # a test skipped for want of a GPU ("needs a CUDA device", "needs a GPU") is a CUDA test, whatever its name
     for item in items:
@@ -235,12 +249,10 @@ LSTM_PATHS = ['fused-mkl', 'fused-onednn', 'plain']
 def use_cpu_matmul(lib, monkeypatch):
     """Make the fused path multiply on lib ('mkl' or 'onednn') for one test; skip where this
     torch build lacks it."""
-    import torch
-
     import fused_lstm
-    monkeypatch.setattr(fused_lstm, 'CPU_MATMUL', lib)
-    if fused_lstm.cpu_matmul(torch.zeros(1)) != lib:
+    if lib not in fused_lstm.cpu_matmuls():
         pytest.skip(f'{lib} is not available in this torch build')
+    monkeypatch.setattr(fused_lstm, 'CPU_MATMUL', lib)
 
 
 @pytest.fixture(params=LSTM_PATHS)
