@@ -14,9 +14,10 @@ import argparse
 import contextlib
 import ctypes
 import hashlib
-import multiprocessing.util
+import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -146,11 +147,16 @@ def leave_signals_to_parent(parent):
     # SIGTERM stays blocked in every thread, so it waits for this one thread, which can ask who sent it
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
+    inherited = multiprocessing.current_process()._config.get('tempdir')  # the main process's to remove
+
     def obey_parent():
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
             pass
-        # what a worker's normal exit runs: it removes the worker's /tmp/pymp-* folder, made
-        # when the worker first sent a tensor's shared memory to the main process
-        multiprocessing.util._run_finalizers()
+        # the one clean-up of a normal exit that matters here: the /tmp/pymp-* folder the worker
+        # made when it first sent a tensor's shared memory to the main process (all of exit's
+        # clean-up could wait forever, on a queue the main process no longer reads)
+        tempdir = multiprocessing.current_process()._config.get('tempdir')
+        if tempdir and tempdir != inherited:
+            shutil.rmtree(tempdir, ignore_errors=True)
         os._exit(0)
     threading.Thread(target=obey_parent, name='obey_parent', daemon=True).start()
