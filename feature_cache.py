@@ -60,7 +60,7 @@ import data_loader
 from coco import existing_images, load_coco
 from data_loader import IMAGENET_MEAN, IMAGENET_STD, encode_caption, image_transform, open_rgb, worker_init_fn
 from progress import Progress, rank_zero
-from utils import atomic_write, file_sha256, remove_stale_temporaries
+from utils import atomic_write, cpu_info, file_sha256, remove_stale_temporaries
 from vocab import tokenize
 
 try:  # advisory lock so two independent runs never fill the same .partial (POSIX only)
@@ -100,14 +100,7 @@ def native_bf16(device='cpu'):
 def cpu_flags():
     """The CPU's feature flags as Linux lists them in /proc/cpuinfo ('avx512f', 'amx_bf16', ...);
     an empty set on other systems."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('flags'):
-                    return set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpu_info('flags').split())
 
 
 @contextlib.contextmanager

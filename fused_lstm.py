@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from utils import cpu_info
+
 # --------------------------------------------------------------------------------------
 # Flat weights: per-gate parameters as views into one buffer per cell
 # --------------------------------------------------------------------------------------
@@ -145,16 +147,7 @@ except (AttributeError, RuntimeError):
     _MKL_PACK = _MKL_LINEAR = None
 
 
-def _cpu_vendor():
-    """'GenuineIntel', 'AuthenticAMD', ... as /proc/cpuinfo says; '' where it cannot be read."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('vendor_id')), '')
-    except OSError:
-        return ''
-
-
-_CPU_VENDOR = _cpu_vendor()
+_CPU_VENDOR = cpu_info('vendor_id')  # 'GenuineIntel', 'AuthenticAMD', ...; '' where unknown
 
 
 def cpu_matmul(t, choice=None):

@@ -1,5 +1,5 @@
 """Small jobs every script shares: stopping on bad input, writing files atomically, hashing files,
-and setting up worker processes.
+setting up worker processes, and reading what the CPU is.
 
     >>> from utils import atomic_write, fail
     >>> with atomic_write('models/train_log.csv', 'w', newline='') as f:
@@ -125,6 +125,16 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)
     return h.hexdigest()
+
+
+def cpu_info(key):
+    """The value of `key` ('model name', 'vendor_id', 'flags', ...) for the first CPU in
+    /proc/cpuinfo; '' where there is none (other systems)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.split(':', 1)[0].strip() == key), '')
+    except OSError:
+        return ''
 
 
 def leave_signals_to_parent(parent):

@@ -1,6 +1,6 @@
 """Time every stage of a run on a synthetic COCO-sized set, as a user's log file would show it.
 
-    python bench/coco_stages.py --fraction 1 --root /tmp/coco     # COCO's full size: about an hour on 2 cores
+    python bench/coco_stages.py --fraction 1 --root /tmp/coco     # COCO's full size: under 20 minutes on 2 cores
     python bench/coco_stages.py --quick                           # a few dozen pictures, under a minute
 
 Makes the set (bench/make_coco.py), then runs build_vocab.py, resize.py (train and val),
@@ -23,20 +23,16 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import cpu_env  # noqa: E402,F401  (first, as in every script)
+from utils import cpu_info  # noqa: E402
+
 TIME = '/usr/bin/time'
 # train.py's sub-stages: the prefix of their lines
 TRAIN_PARTS = (('feature cache (train)', 'feature cache', 0), ('encoding captions (train)', 'encoding captions', 0),
                ('feature cache (val)', 'feature cache', 1), ('encoding captions (val)', 'encoding captions', 1),
                ('validation', 'validating', 0),
                ('--select_by bleu4', 'captioning for --select_by', 0))
-
-
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        return 'unknown CPU'
 
 
 def du(*paths):
@@ -154,7 +150,7 @@ def main(argv=None):
 
     with open('/proc/loadavg') as f:
         load = ' '.join(f.read().split()[:3])
-    print(f'\n{cpu_name()}, {os.cpu_count()} cores, load average {load} at the end; '
+    print(f'\n{cpu_info("model name") or "unknown CPU"}, {os.cpu_count()} cores, load average {load} at the end; '
           f'--fraction {0.0005 if args.quick else args.fraction}, train.py --max_steps {steps}')
     print('| stage | time (s) | peak memory (MB) | disk (MB) | longest silence in its log (s) |')
     print('|---|---:|---:|---:|---:|')

@@ -11,15 +11,12 @@ import platform
 import torch
 
 import fused_lstm
+from utils import cpu_info
 
 
 def cpu_name():
     """'Intel(R) Xeon(R) Processor', 'AMD EPYC 7B13', ... as /proc/cpuinfo says."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        return platform.processor() or 'unknown CPU'
+    return cpu_info('model name') or platform.processor() or 'unknown CPU'
 
 
 def machine(threads=None):
